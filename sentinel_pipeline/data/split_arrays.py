@@ -86,5 +86,5 @@ def content_checksum(arrays: dict[str, np.ndarray]) -> str:
     for name in ARRAY_DTYPES:
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()

@@ -1,0 +1,208 @@
+"""Stage 5: seq/snap feature scalers, fitted on train rows with valid features only.
+
+Each of the two scaled groups (``seq`` and ``snap``; the context groups are not scaled) gets a
+:class:`ClippedRobustScaler`: sklearn's :class:`~sklearn.preprocessing.RobustScaler` (median
+centring, divided by the **inter-quartile range, quantile_range=(25, 75)**) followed by clipping to
+``±clip`` (default 5). The IQR is the classic robust spread and is insensitive to the fat tails of
+return-like features; for a Gaussian feature one unit is about 0.74 standard deviations, so the
+default clip only touches values beyond roughly 6.7 sigma. Constant features get scale 1 (sklearn's
+rule), a group with zero features is the identity on an ``(N, 0)`` array.
+
+Leakage rule: only rows with ``split == "train"`` and ``feature_valid`` influence the fitted
+parameters; val/test rows (and invalid warm-up rows) are never looked at.
+
+Files (``save_scalers``/``load_scalers``): ``seq_scaler.joblib``, ``snap_scaler.joblib`` and
+``scalers.json`` (fit window, row count, feature names, contract hash, clip, quantile range, the
+fitted centre/scale per feature, sklearn version). ``load_scalers`` refuses files written for
+another feature contract.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.preprocessing import RobustScaler
+
+from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
+from sentinel_pipeline.data.feature_contract import ContractError, FeatureContract
+
+SCALED_GROUPS: tuple[str, ...] = ("seq", "snap")
+DEFAULT_CLIP = 5.0
+QUANTILE_RANGE: tuple[float, float] = (25.0, 75.0)
+SCALER_FILES: dict[str, str] = {"seq": "seq_scaler.joblib", "snap": "snap_scaler.joblib"}
+INFO_FILE = "scalers.json"
+
+
+class ClippedRobustScaler(TransformerMixin, BaseEstimator):
+    """``RobustScaler(quantile_range)`` then ``clip(-clip, clip)``; ``transform`` returns float32 (computed in float32).
+
+    NaN passes through ``transform`` unchanged (sklearn semantics); use :func:`transform_filled`
+    to get a NaN-free result. Fitting on an ``(n, 0)`` array gives the identity on zero columns.
+    """
+
+    def __init__(self, quantile_range: tuple[float, float] = QUANTILE_RANGE, clip: float = DEFAULT_CLIP):
+        self.quantile_range = quantile_range
+        self.clip = clip
+
+    def fit(self, X: np.ndarray, y: Any = None) -> ClippedRobustScaler:
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"expected a 2-D array, got shape {X.shape}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+        self.n_features_in_ = int(X.shape[1])
+        if self.n_features_in_ == 0:
+            self.center_ = np.zeros(0, dtype=np.float64)
+            self.scale_ = np.ones(0, dtype=np.float64)
+            return self
+        if X.shape[0] == 0:
+            raise ValueError("cannot fit a scaler on zero rows")
+        robust = RobustScaler(quantile_range=tuple(self.quantile_range)).fit(X.astype(np.float64, copy=False))
+        self.center_ = robust.center_.astype(np.float64)
+        self.scale_ = robust.scale_.astype(np.float64)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected shape (n, {self.n_features_in_}), got {X.shape}")
+        # float32 arithmetic: exact enough for features and half the memory of float64 on big splits
+        out = X.astype(np.float32) - self.center_.astype(np.float32)
+        out /= self.scale_.astype(np.float32)
+        np.clip(out, -self.clip, self.clip, out=out)
+        return out
+
+
+def transform_filled(scaler: ClippedRobustScaler, X: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Scale ``X`` and replace every non-finite result (from NaN/inf inputs) with ``fill``; float32."""
+    X = np.asarray(X, dtype=np.float32)
+    finite = np.isfinite(X)
+    out = scaler.transform(np.where(finite, X, np.float32(0.0)))
+    out[~finite] = fill
+    return out
+
+
+@dataclass
+class FittedScalers:
+    seq: ClippedRobustScaler
+    snap: ClippedRobustScaler
+    info: dict[str, Any]
+
+    def scaler(self, group: str) -> ClippedRobustScaler:
+        if group not in SCALED_GROUPS:
+            raise KeyError(f"no scaler for group {group!r}; scaled groups are {SCALED_GROUPS}")
+        return self.seq if group == "seq" else self.snap
+
+
+def _iso(ts: pd.Timestamp) -> str:
+    return pd.Timestamp(ts).isoformat()
+
+
+def fit_scalers(
+    dataset: pd.DataFrame, assignment: pd.DataFrame, contract: FeatureContract, clip: float = DEFAULT_CLIP
+) -> FittedScalers:
+    """Fit the seq and snap scalers on rows with ``split == "train"`` and ``feature_valid``."""
+    if len(dataset) != len(assignment):
+        raise ValueError(f"dataset has {len(dataset)} rows but the split assignment has {len(assignment)}")
+    for col in ("feature_valid", "timestamp"):
+        if col not in dataset.columns:
+            raise ValueError(f"dataset lacks column {col!r}")
+    if "split" not in assignment.columns:
+        raise ValueError("split assignment lacks column 'split'")
+    mask = (assignment["split"].to_numpy() == "train") & dataset["feature_valid"].to_numpy(dtype=bool)
+    n_rows = int(mask.sum())
+    if n_rows == 0:
+        raise ValueError("no train rows with valid features: cannot fit scalers")
+    fitted: dict[str, ClippedRobustScaler] = {}
+    for group in SCALED_GROUPS:
+        names = contract.names(group)
+        missing = [n for n in names if n not in dataset.columns]
+        if missing:
+            raise ContractError(f"dataset lacks {group} features of contract {contract.hash}: {missing}")
+        X = dataset.loc[mask, names].to_numpy(dtype=np.float64) if names else np.zeros((n_rows, 0))
+        if not np.isfinite(X).all():
+            raise ValueError(f"non-finite {group} feature values on train rows flagged feature_valid")
+        fitted[group] = ClippedRobustScaler(quantile_range=QUANTILE_RANGE, clip=clip).fit(X)
+        fitted[group].feature_contract_hash_ = contract.hash
+    ts = dataset.loc[mask, "timestamp"]
+    info: dict[str, Any] = {
+        "feature_contract_hash": contract.hash,
+        "fit_split": "train",
+        "fit_start": _iso(ts.min()),
+        "fit_end": _iso(ts.max()),
+        "n_rows": n_rows,
+        "clip": float(clip),
+        "quantile_range": list(QUANTILE_RANGE),
+        "feature_names": {g: contract.names(g) for g in SCALED_GROUPS},
+        "center": {g: fitted[g].center_.tolist() for g in SCALED_GROUPS},
+        "scale": {g: fitted[g].scale_.tolist() for g in SCALED_GROUPS},
+        "sklearn_version": sklearn.__version__,
+    }
+    return FittedScalers(seq=fitted["seq"], snap=fitted["snap"], info=info)
+
+
+def save_scalers(directory: str | Path, fitted: FittedScalers) -> dict[str, Path]:
+    """Write ``seq_scaler.joblib``, ``snap_scaler.joblib`` and ``scalers.json`` atomically."""
+    directory = Path(directory)
+    paths: dict[str, Path] = {}
+    for group in SCALED_GROUPS:
+        target = directory / SCALER_FILES[group]
+        with atomic_path(target) as tmp:
+            joblib.dump(fitted.scaler(group), tmp)
+        paths[group] = target
+    paths["info"] = write_json_atomic(directory / INFO_FILE, fitted.info)
+    return paths
+
+
+def load_scalers(
+    directory: str | Path, expected_hash: str, contract: FeatureContract | None = None
+) -> FittedScalers:
+    """Load scalers written by :func:`save_scalers`, refusing a contract hash other than ``expected_hash``.
+
+    The feature dimension of each scaler is checked against ``scalers.json`` and, when given,
+    against ``contract`` (whose hash must then also equal ``expected_hash``).
+    """
+    directory = Path(directory)
+    info_path = directory / INFO_FILE
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ContractError(f"{info_path}: cannot read scaler info: {exc}") from exc
+    stated = info.get("feature_contract_hash")
+    if stated != expected_hash:
+        raise ContractError(f"{info_path}: scalers were fitted for feature contract {stated}, expected {expected_hash}")
+    if contract is not None and contract.hash != expected_hash:
+        raise ContractError(f"contract passed to load_scalers has hash {contract.hash}, expected {expected_hash}")
+    scalers: dict[str, ClippedRobustScaler] = {}
+    for group in SCALED_GROUPS:
+        path = directory / SCALER_FILES[group]
+        try:
+            scaler = joblib.load(path)
+        except Exception as exc:  # joblib/pickle raise many types for a bad file
+            raise ContractError(f"{path}: cannot load scaler: {exc}") from exc
+        if not isinstance(scaler, ClippedRobustScaler):
+            raise ContractError(f"{path}: not a scaler written by save_scalers ({type(scaler).__name__})")
+        file_hash = getattr(scaler, "feature_contract_hash_", None)
+        if file_hash != expected_hash:
+            raise ContractError(
+                f"{path}: scaler was fitted for feature contract {file_hash}, expected {expected_hash}"
+            )
+        names = info.get("feature_names", {}).get(group, [])
+        expected_dim = len(contract.names(group)) if contract is not None else len(names)
+        if scaler.n_features_in_ != expected_dim or len(names) != expected_dim:
+            raise ContractError(
+                f"{path}: scaler has {scaler.n_features_in_} {group} features, "
+                f"scalers.json lists {len(names)}, contract expects {expected_dim}"
+            )
+        if contract is not None and names != contract.names(group):
+            raise ContractError(f"{info_path}: {group} feature names differ from contract {expected_hash}")
+        scalers[group] = scaler
+    return FittedScalers(seq=scalers["seq"], snap=scalers["snap"], info=info)
