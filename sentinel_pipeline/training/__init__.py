@@ -1,0 +1,14 @@
+"""The training engine: plain Python + torch, no Dagster (the orchestration layer wraps it).
+
+Modules (import them directly; this package imports nothing heavy on its own):
+
+- ``runtime``      threads, cgroup memory limits, device selection, seeding/determinism
+- ``data_loader``  opening a split (Arrow cache or HDF5) and the lazy window batch loader
+- ``models``       the variant registry, architecture configs and model construction
+- ``losses``       per-head losses (MSE, cross-entropy, focal) and class weights
+- ``evaluation``   regression (MSE, IC, rank IC, ICIR) and classification metrics with baselines
+- ``config``       ``TrainConfig``: the training run's configuration (file + CLI overrides)
+- ``engine``       ``train()``: the one training loop used by the CLI, Dagster and tests
+- ``checkpoints``  saving and resuming training state
+- ``plots``        training curves
+"""
