@@ -1,0 +1,841 @@
+"""The training engine: :func:`train` is the one loop used by the CLI, the Dagster asset and the tests.
+
+Inputs are ``train.h5``/``val.h5`` (the Arrow cache of each is preferred when it matches, see
+``data_loader.load_split_for_training``) and ``feature_schema.txt``. Training never reads raw bars or
+the test split, and never infers feature counts from data: ``input_dim`` is the length of a feature
+schema group. The expected feature contract hash comes from the config, else from
+``feature_contract.json`` beside the schema, else from the schema's header line; splits with another
+hash are refused.
+
+Profiles (fields of :class:`~sentinel_pipeline.training.config.TrainConfig` left at ``None`` take
+the profile's value; explicit values always win):
+
+============== ============================== ==============================================
+setting        ``safe`` (default)             ``throughput``
+============== ============================== ==============================================
+batch size     the variant's default (MLP 16) 1024
+loader workers 0 (batches built in-process)   2-4 (usable CPUs - 1, clamped to [2, 4])
+pin_memory     only with CUDA                 only with CUDA
+bf16 autocast  off                            on CUDA only (never on CPU)
+shuffle        off                            on (order reseeded from (seed, epoch))
+============== ============================== ==============================================
+
+Validation uses ``max(batch size, 256)`` samples per batch (no gradients, so memory is small).
+
+The loop: the model is built once from the resolved architecture config and moved to the device once;
+``train()``/``eval()`` are toggled explicitly; AdamW; optional ``ReduceLROnPlateau`` (stepped on the
+monitor) or ``CosineAnnealingWarmRestarts`` (stepped per epoch); gradient clipping; validation
+without gradients every epoch; early stopping on the monitor (val loss, or val macro-F1 for
+classifiers) after ``patience`` epochs without improvement. A non-finite loss or gradient norm raises
+:class:`TrainingDivergedError`: ``model_best.pt``, ``resume.pt`` and any bundle stay as they were.
+Step statistics stay on the device and are checked every ``log_every`` steps and at the end of each
+epoch, so the loop does not synchronise with the GPU at every step.
+
+Files in ``out_dir``: ``model_best.pt`` (rewritten when the monitor improves), ``resume.pt`` (every
+epoch), ``train_config.json`` (the resolved configuration), ``train_log.txt``, and at the end
+``metrics.json`` and ``loss_curve.png``; with ``models_dir`` a bundle is written there
+(``bundles.write_bundle``).
+
+Resuming: a run started on an ``out_dir`` that holds a ``resume.pt`` of the same configuration
+continues after the last completed epoch and ends with exactly the weights of an uninterrupted run
+(model, optimizer, scheduler, early-stopping state and all RNG states are restored; the loader
+order depends only on (seed, epoch)). A completed run is not retrained (``TrainResult.already_complete``);
+``fresh=True`` discards the earlier run. A ``resume.pt`` of a different configuration is refused.
+
+Per-epoch telemetry (logged, in ``metrics.json["history"]``, drawn in ``loss_curve.png``): train and
+val loss per head and in total, grad-norm mean/max, class balance of the direction target over the
+train batches, learning rate, wall seconds, throughput (samples/s) and the loader's share of the
+training time (time spent waiting for the next batch / epoch training time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from tqdm import tqdm
+
+from sentinel_pipeline.atomic_io import write_json_atomic
+from sentinel_pipeline.data.feature_contract import (
+    FEATURE_GROUPS,
+    ContractError,
+    FeatureContract,
+    read_contract,
+    read_feature_schema,
+)
+from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
+from sentinel_pipeline.training import runtime
+from sentinel_pipeline.training.checkpoints import (
+    BEST_NAME,
+    RESUME_NAME,
+    capture_rng_state,
+    cpu_state_dict,
+    load_best,
+    load_resume,
+    restore_rng_state,
+    save_best,
+    save_resume,
+)
+from sentinel_pipeline.training.config import ConfigError, TrainConfig
+from sentinel_pipeline.training.data_loader import (
+    Batch,
+    WindowBatcher,
+    load_split_for_training,
+    make_dataloader,
+    to_device,
+)
+from sentinel_pipeline.training.evaluation import CLASS_NAMES, evaluate_predictions, train_baselines
+from sentinel_pipeline.training.losses import class_weights_from_counts, compute_losses
+from sentinel_pipeline.training.models import N_CLASSES, VariantSpec, build_model, get_variant, resolve_arch
+from sentinel_pipeline.training.plots import plot_loss_curves
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "train_log.txt"
+METRICS_NAME = "metrics.json"
+CURVE_NAME = "loss_curve.png"
+CONFIG_NAME = "train_config.json"
+RUN_OUTPUTS: tuple[str, ...] = (BEST_NAME, RESUME_NAME, METRICS_NAME, CURVE_NAME, CONFIG_NAME)
+THROUGHPUT_BATCH_SIZE = 1024
+MIN_EVAL_BATCH_SIZE = 256
+SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "plateau": {"factor": 0.5, "patience": 2},
+    "cosine_restarts": {"T_0": 5, "T_mult": 1, "eta_min": 0.0},
+}
+_SCHEMA_HASH_RE = re.compile(r"^#\s*feature schema of contract\s+([0-9a-f]+)")
+# config fields that change the result of a run; a resume.pt recorded for other values is refused
+_FINGERPRINT_FIELDS: tuple[str, ...] = (
+    "model", "seq_len", "seed", "learning_rate", "weight_decay", "limit_samples", "patience",
+    "scheduler", "scheduler_params", "grad_clip",
+)
+
+
+class TrainingError(RuntimeError):
+    """Training could not run or finish (bad inputs for training, inconsistent out_dir...)."""
+
+
+class TrainingDivergedError(TrainingError):
+    """A loss or gradient norm became NaN or infinite; nothing was saved for the failing epoch."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_checkpoint: Path | None
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    bundle_dir: Path | None = None
+    stopped_early: bool = False
+    best_epoch: int | None = None
+    already_complete: bool = False  # the out_dir held a completed run; nothing was retrained
+    resumed_from_epoch: int | None = None  # the last completed epoch found in resume.pt, if resumed
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    device: str
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    pin_memory: bool
+    bf16_autocast: bool
+    shuffle: bool
+    monitor: str
+    monitor_mode: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Inputs:
+    schema: dict[str, list[str]]
+    contract: FeatureContract | None
+    contract_path: Path
+    expected_hash: str
+    train: SplitArrays
+    val: SplitArrays
+    sources: dict[str, str]
+
+
+@dataclass
+class _EarlyStopping:
+    mode: str
+    patience: int
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's monitor value; True when it improved on the best so far."""
+        improved = self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value)
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+
+
+# -- settings and inputs ----------------------------------------------------------------------
+
+
+def resolve_settings(config: TrainConfig, spec: VariantSpec, device: torch.device) -> ResolvedSettings:
+    """The profile's values for every setting the config left at ``None`` (see module docstring)."""
+    throughput = config.profile == "throughput"
+    cuda = device.type == "cuda"
+    batch_size = config.batch_size or (THROUGHPUT_BATCH_SIZE if throughput else spec.default_batch_size)
+    if config.num_workers is not None:
+        workers = config.num_workers
+    else:
+        workers = min(4, max(2, runtime.usable_cpu_count() - 1)) if throughput else 0
+    bf16 = config.bf16_autocast if config.bf16_autocast is not None else throughput
+    if bf16 and not cuda:
+        if config.bf16_autocast:
+            log.warning("bf16 autocast was requested but the device is %s: autocast is used on CUDA only", device)
+        bf16 = False
+    pin = config.pin_memory if config.pin_memory is not None else cuda
+    if pin and not cuda:
+        log.warning("pin_memory was requested without CUDA: ignored")
+        pin = False
+    monitor = config.monitor or spec.monitor
+    has_classifier = any(h.kind == "classification" for h in spec.heads)
+    if monitor == "val_macro_f1" and not has_classifier:
+        raise ConfigError(f"monitor 'val_macro_f1' needs a classification head; variant {spec.name!r} has none")
+    return ResolvedSettings(
+        device=str(device),
+        batch_size=int(batch_size),
+        eval_batch_size=max(int(batch_size), MIN_EVAL_BATCH_SIZE),
+        num_workers=int(workers),
+        pin_memory=bool(pin),
+        bf16_autocast=bool(bf16),
+        shuffle=config.shuffle if config.shuffle is not None else throughput,
+        monitor=monitor,
+        monitor_mode="max" if monitor == "val_macro_f1" else "min",
+    )
+
+
+def _schema_header_hash(schema_path: Path) -> str | None:
+    with open(schema_path, encoding="utf-8") as fh:
+        m = _SCHEMA_HASH_RE.match(fh.readline().strip())
+    return m.group(1) if m else None
+
+
+def _load_inputs(config: TrainConfig) -> _Inputs:
+    schema_path = Path(config.feature_schema)
+    if not schema_path.is_file():
+        raise FileNotFoundError(f"{schema_path}: feature schema does not exist")
+    schema = read_feature_schema(schema_path)
+    contract_path = schema_path.parent / "feature_contract.json"
+    contract = read_contract(contract_path) if contract_path.is_file() else None
+    if contract is not None:
+        for group in FEATURE_GROUPS:
+            if contract.names(group) != schema[group]:
+                raise ContractError(f"{schema_path}: {group} features differ from {contract_path} ({contract.hash})")
+    expected = config.expected_hash or (contract.hash if contract else None) or _schema_header_hash(schema_path)
+    if expected is None:
+        raise ContractError(
+            f"{schema_path}: no expected feature contract hash (set expected_hash, or put "
+            "feature_contract.json beside the schema)"
+        )
+    if contract is not None and contract.hash != expected:
+        raise ContractError(f"{contract_path}: contract hash {contract.hash} != expected {expected}")
+    train, train_src = load_split_for_training(config.train_h5, expected, config.prefer_arrow)
+    val, val_src = load_split_for_training(config.val_h5, expected, config.prefer_arrow)
+    for split, path in ((train, config.train_h5), (val, config.val_h5)):
+        for group in FEATURE_GROUPS:
+            if list(split.feature_names.get(group, [])) != schema[group]:
+                raise ContractError(f"{path}: {group} feature names differ from {schema_path}")
+    return _Inputs(schema, contract, contract_path, expected, train, val, {"train": train_src, "val": val_src})
+
+
+def _limited(split: SplitArrays, limit: int | None) -> SplitArrays:
+    """The split with only its first ``limit`` sample end rows (arrays shared, not copied)."""
+    if limit is None:
+        return split
+    return dataclasses.replace(split, sample_end_rows=split.sample_end_rows[:limit])
+
+
+def _fingerprint(config: TrainConfig, settings: ResolvedSettings, arch: dict[str, Any], inputs: _Inputs) -> str:
+    body = {
+        **{name: getattr(config, name) for name in _FINGERPRINT_FIELDS},
+        "batch_size": settings.batch_size,
+        "shuffle": settings.shuffle,
+        "bf16_autocast": settings.bf16_autocast,
+        "monitor": settings.monitor,
+        "arch": arch,
+        "feature_contract_hash": inputs.expected_hash,
+        "train_checksum": inputs.train.attrs.get("content_checksum"),
+        "val_checksum": inputs.val.attrs.get("content_checksum"),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, mode: str
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    if config.scheduler == "none":
+        return None
+    params = {**SCHEDULER_DEFAULTS[config.scheduler], **config.scheduler_params}
+    try:
+        if config.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, **params)
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, **params)
+    except TypeError as exc:
+        raise ConfigError(f"scheduler_params {config.scheduler_params} for {config.scheduler!r}: {exc}") from exc
+
+
+def _iterate(loader: Iterable[Batch]) -> Iterable[Batch]:
+    """Iterate a loader without drawing from torch's global RNG (DataLoader seeds its workers from it),
+    so the training RNG stream is the same whatever the number of workers."""
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    return it
+
+
+# -- the epoch loop ---------------------------------------------------------------------------
+
+
+class _StepStats:
+    """Per-step loss / grad-norm statistics kept on the device and checked in chunks."""
+
+    def __init__(self, heads: list[str]) -> None:
+        self.heads = heads
+        self.pending: list[torch.Tensor] = []
+        self.pending_sizes: list[int] = []
+        self.n_steps = 0
+        self.n_samples = 0
+        self.loss_sum = 0.0
+        self.head_sums = np.zeros(len(heads))
+        self.gnorm_sum = 0.0
+        self.gnorm_max = 0.0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    def add(self, total: torch.Tensor, per_head: dict[str, torch.Tensor], gnorm: torch.Tensor, size: int) -> None:
+        row = torch.stack([total.detach().float(), gnorm.detach().float(), *(per_head[h].detach().float() for h in self.heads)])
+        self.pending.append(row)
+        self.pending_sizes.append(size)
+
+    def flush(self, epoch: int) -> None:
+        """Move pending rows to the host; raise TrainingDivergedError on the first non-finite value."""
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending).cpu().numpy().astype(np.float64)
+        sizes = np.asarray(self.pending_sizes, dtype=np.float64)
+        bad = ~np.isfinite(rows)
+        if bad.any():
+            i, j = map(int, np.argwhere(bad)[0])
+            what = ["loss", "gradient norm", *(f"loss of head {h!r}" for h in self.heads)][j]
+            raise TrainingDivergedError(
+                f"training diverged: {what} is {rows[i, j]} at epoch {epoch}, step {self.n_steps + i + 1}; "
+                "model_best.pt and resume.pt were not updated (try a lower learning rate or check the data)"
+            )
+        if self.first_loss is None:
+            self.first_loss = float(rows[0, 0])
+        self.last_loss = float(rows[-1, 0])
+        self.loss_sum += float((rows[:, 0] * sizes).sum())
+        self.head_sums += (rows[:, 2:] * sizes[:, None]).sum(axis=0)
+        self.gnorm_sum += float(rows[:, 1].sum())
+        self.gnorm_max = max(self.gnorm_max, float(rows[:, 1].max()))
+        self.n_steps += len(rows)
+        self.n_samples += int(sizes.sum())
+        self.pending, self.pending_sizes = [], []
+
+    def summary(self) -> dict[str, Any]:
+        n = max(self.n_samples, 1)
+        return {
+            "train_loss": self.loss_sum / n,
+            "train_head_losses": {h: float(v / n) for h, v in zip(self.heads, self.head_sums, strict=True)},
+            "grad_norm_mean": self.gnorm_sum / max(self.n_steps, 1),
+            "grad_norm_max": self.gnorm_max,
+            "first_step_loss": self.first_loss,
+            "last_step_loss": self.last_loss,
+            "n_steps": self.n_steps,
+            "n_train_samples": self.n_samples,
+        }
+
+
+def _autocast(settings: ResolvedSettings) -> Any:
+    if settings.bf16_autocast:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _train_epoch(
+    *,
+    epoch: int,
+    n_epochs: int,
+    model: torch.nn.Module,
+    spec: VariantSpec,
+    batcher: WindowBatcher,
+    settings: ResolvedSettings,
+    optimizer: torch.optim.Optimizer,
+    class_weights: torch.Tensor | None,
+    grad_clip: float,
+    log_every: int,
+    progress: bool,
+) -> dict[str, Any]:
+    device = torch.device(settings.device)
+    heads = [h.name for h in spec.heads]
+    stats = _StepStats(heads)
+    class_counts = np.zeros(N_CLASSES, dtype=np.int64)
+    batcher.set_epoch(epoch)
+    loader = make_dataloader(batcher, num_workers=settings.num_workers, pin_memory=settings.pin_memory)
+    model.train()
+    wait = 0.0
+    bar = tqdm(total=len(batcher), desc=f"epoch {epoch}/{n_epochs}", file=sys.stderr, disable=not progress,
+               leave=False, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    it = _iterate(loader)
+    for step in range(1, len(batcher) + 1):
+        t0 = time.perf_counter()
+        cpu_batch = next(it)
+        wait += time.perf_counter() - t0
+        class_counts += np.bincount(cpu_batch["tb_class"].numpy(), minlength=N_CLASSES)[:N_CLASSES]
+        batch = to_device(cpu_batch, device)
+        with _autocast(settings):
+            outputs = model(batch)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        total, per_head = compute_losses(spec, outputs, batch, class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        stats.add(total, per_head, gnorm, int(cpu_batch["tb_class"].shape[0]))
+        if step % log_every == 0 or step == len(batcher):
+            stats.flush(epoch)  # raises on a non-finite value of any step since the last flush
+            if step % log_every == 0:
+                log.info("epoch %d step %d/%d loss %.6g", epoch, step, len(batcher), stats.last_loss)
+            bar.set_postfix(loss=f"{stats.last_loss:.4g}")
+        optimizer.step()
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    out = stats.summary()
+    out.update(
+        {
+            "class_balance": dict(zip(CLASS_NAMES, map(int, class_counts), strict=True)),
+            "train_seconds": seconds,
+            "throughput_samples_per_s": stats.n_samples / seconds if seconds > 0 else None,
+            "loader_share": wait / seconds if seconds > 0 else None,
+        }
+    )
+    return out
+
+
+@torch.no_grad()
+def _predict(
+    model: torch.nn.Module, spec: VariantSpec, batcher: WindowBatcher, settings: ResolvedSettings,
+    class_weights: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Validation pass: mean losses (per head and total) and the outputs/targets as NumPy arrays."""
+    device = torch.device(settings.device)
+    heads = [h.name for h in spec.heads]
+    model.eval()
+    loader = make_dataloader(batcher, num_workers=settings.num_workers, pin_memory=settings.pin_memory)
+    sums = torch.zeros(len(heads) + 1, dtype=torch.float64, device=device)
+    outs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+    keep: dict[str, list[np.ndarray]] = {"targets": [], "tb_class": [], "timestamp": []}
+    n = 0
+    for cpu_batch in _iterate(loader):
+        batch = to_device(cpu_batch, device)
+        with _autocast(settings):
+            outputs = model(batch)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        total, per_head = compute_losses(spec, outputs, batch, class_weights)
+        size = int(cpu_batch["tb_class"].shape[0])
+        sums += torch.stack([total, *(per_head[h] for h in heads)]).double() * size
+        n += size
+        for h in heads:
+            outs[h].append(outputs[h].cpu().numpy())
+        for k in keep:
+            keep[k].append(cpu_batch[k].numpy())
+    values = (sums / max(n, 1)).cpu().numpy()
+    if not np.isfinite(values).all():
+        raise TrainingDivergedError(f"training diverged: validation loss is not finite ({values.tolist()})")
+    return {
+        "val_loss": float(values[0]),
+        "val_head_losses": {h: float(v) for h, v in zip(heads, values[1:], strict=True)},
+        "outputs": {h: np.concatenate(v) for h, v in outs.items()},
+        **{k: np.concatenate(v) for k, v in keep.items()},
+        "n": n,
+    }
+
+
+def _macro_f1(spec: VariantSpec, pred: dict[str, Any]) -> float | None:
+    head = next((h for h in spec.heads if h.kind == "classification"), None)
+    if head is None:
+        return None
+    y_pred = pred["outputs"][head.name].argmax(axis=1)
+    return float(f1_score(pred["tb_class"], y_pred, labels=list(range(N_CLASSES)), average="macro", zero_division=0))
+
+
+# -- summary ----------------------------------------------------------------------------------
+
+
+def head_vs_baseline(spec: VariantSpec, final_val: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per head: the model's metric and the trivial baseline's, side by side.
+
+    Regression heads compare ``mse`` with ``baseline_mse`` (train-mean predictor; lower is better),
+    classification heads ``macro_f1`` with ``baseline_macro_f1`` (train majority class; higher is better).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for head in spec.heads:
+        m = final_val["heads"][head.name]
+        if head.kind == "classification":
+            metric, model_v, base_v, higher = "macro_f1", m.get("macro_f1"), m.get("baseline_macro_f1"), True
+        else:
+            metric, model_v, base_v, higher = "mse", m.get("mse"), m.get("baseline_mse"), False
+        beats = None
+        if model_v is not None and base_v is not None:
+            beats = bool(model_v > base_v) if higher else bool(model_v < base_v)
+        out[head.name] = {"metric": metric, "higher_is_better": higher, "model": model_v, "baseline": base_v,
+                          "beats_baseline": beats}
+    return out
+
+
+def _data_windows(inputs: _Inputs, train_used: int, val_used: int) -> dict[str, Any]:
+    out = {}
+    for name, split, used in (("train", inputs.train, train_used), ("val", inputs.val, val_used)):
+        out[name] = {
+            "start": split.attrs.get("time_min"),
+            "end": split.attrs.get("time_max"),
+            "n_rows": split.n_rows,
+            "n_samples": split.n_samples,
+            "n_samples_used": used,
+        }
+    return out
+
+
+# -- out_dir housekeeping ---------------------------------------------------------------------
+
+
+def _clear_run(out_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _attach_log_file(out_dir: Path, append: bool) -> tuple[logging.Handler, logging.Logger, int]:
+    handler = logging.FileHandler(out_dir / LOG_NAME, mode="a" if append else "w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    pkg = logging.getLogger("sentinel_pipeline")
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    return handler, pkg, old_level
+
+
+def _existing_bundle(models_dir: Path | None, variant: str, run_id: str) -> Path | None:
+    """A bundle in ``models_dir`` that was written from run ``run_id`` (so a rerun does not duplicate it)."""
+    if models_dir is None:
+        return None
+    from sentinel_pipeline.bundles import list_bundles
+
+    for path in list_bundles(models_dir, variant):
+        try:
+            if json.loads((path / METRICS_NAME).read_text(encoding="utf-8")).get("run_id") == run_id:
+                return path
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def _write_bundle(config: TrainConfig, out_dir: Path, inputs: _Inputs, metrics: dict[str, Any]) -> Path:
+    from sentinel_pipeline.bundles import write_bundle
+
+    existing = _existing_bundle(config.models_dir, metrics["variant"], metrics["run_id"])
+    if existing is not None:
+        log.info("bundle of this run already exists: %s", existing)
+        return existing
+    path = write_bundle(
+        out_dir,
+        models_dir=config.models_dir,
+        scalers_dir=_scalers_dir(config),
+        contract_path=inputs.contract_path,
+        schema_path=config.feature_schema,
+        label_params=inputs.train.label_params,
+        data_windows=metrics["data_windows"],
+        extra_metadata={"run_id": metrics["run_id"], "data_source": metrics["data_source"]},
+    )
+    log.info("wrote bundle %s", path)
+    return path
+
+
+def _scalers_dir(config: TrainConfig) -> Path:
+    """``config.scalers_dir``, else ``<artifacts>/scalers`` of the ``<artifacts>/hdf5/train.h5`` layout."""
+    return Path(config.scalers_dir) if config.scalers_dir else Path(config.train_h5).parent.parent / "scalers"
+
+
+def _check_bundle_inputs(config: TrainConfig, inputs: _Inputs) -> None:
+    """Fail before training when a bundle was asked for but its inputs are missing."""
+    if config.models_dir is None:
+        return
+    scalers = _scalers_dir(config)
+    missing = [str(p) for p in (scalers / "seq_scaler.joblib", scalers / "snap_scaler.joblib",
+                                scalers / "scalers.json", inputs.contract_path) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"models_dir is set but the bundle inputs are missing: {missing} (set scalers_dir?)")
+
+
+# -- train ------------------------------------------------------------------------------------
+
+
+def train(
+    config: TrainConfig,
+    progress: bool = True,
+    *,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on the config's train/val splits; see the module docstring.
+
+    ``on_epoch_end`` is called with each epoch's history record after ``resume.pt`` is written
+    (an exception raised there interrupts the run as a crash would; rerunning resumes).
+    """
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.fresh:
+        _clear_run(out_dir)
+    resuming = (out_dir / RESUME_NAME).is_file()
+    if not resuming:
+        _clear_run(out_dir)  # outputs without a resume state belong to no run we can continue
+    handler, pkg, old_level = _attach_log_file(out_dir, append=resuming)
+    try:
+        return _train(config, out_dir, progress, on_epoch_end, resuming)
+    except Exception:
+        log.exception("training failed")
+        raise
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        handler.close()
+
+
+def _train(
+    config: TrainConfig, out_dir: Path, progress: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    resuming: bool,
+) -> TrainResult:
+    if config.threads is not None:
+        runtime.configure_threads(config.threads)
+    try:
+        spec = get_variant(config.model)
+        device = runtime.select_device(config.device)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from exc
+    settings = resolve_settings(config, spec, device)
+    runtime.seed_everything(config.seed)
+    inputs = _load_inputs(config)
+    _check_bundle_inputs(config, inputs)
+    dims = {g: len(inputs.schema[g]) for g in FEATURE_GROUPS}
+    if dims["ctx_cat"] and inputs.contract is None:
+        raise ContractError(
+            f"{inputs.contract_path}: needed for the ctx_cat cardinalities but missing (feature_contract.json "
+            "must sit beside the feature schema)"
+        )
+    cards = inputs.contract.ctx_cat_cardinalities if inputs.contract is not None else []
+    try:
+        arch = resolve_arch(spec, dims, cards, config.seq_len, config.arch)
+    except ValueError as exc:
+        raise ConfigError(f"architecture of {spec.name!r}: {exc}") from exc
+    for split, path in ((inputs.train, config.train_h5), (inputs.val, config.val_h5)):
+        if config.seq_len > split.seq_len:
+            raise ConfigError(f"{path}: seq_len {config.seq_len} is longer than the split's seq_len {split.seq_len}")
+    train_split = _limited(inputs.train, config.limit_samples)
+    val_split = _limited(inputs.val, config.limit_samples)
+    train_batcher = WindowBatcher(train_split, seq_len=config.seq_len, batch_size=settings.batch_size,
+                                  shuffle=settings.shuffle, seed=config.seed)
+    val_batcher = WindowBatcher(val_split, seq_len=config.seq_len, batch_size=settings.eval_batch_size)
+    for name, b, path in (("train", train_batcher, config.train_h5), ("val", val_batcher, config.val_h5)):
+        if b.n_samples == 0:
+            raise TrainingError(f"{path}: the {name} split has no samples to train on")
+    baselines = train_baselines(spec, train_split)
+    class_weights = (
+        class_weights_from_counts(baselines["class_counts"]).to(device) if spec.uses_class_weights else None
+    )
+
+    model = build_model(arch)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = _make_scheduler(config, optimizer, settings.monitor_mode)
+    stopper = _EarlyStopping(settings.monitor_mode, config.patience)
+    fingerprint = _fingerprint(config, settings, arch, inputs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    run_id = uuid.uuid4().hex
+    complete, stopped_early, resumed_from = False, False, None
+
+    if resuming:
+        state = load_resume(out_dir / RESUME_NAME, map_location=device)
+        if state.get("fingerprint") != fingerprint:
+            raise TrainingError(
+                f"{out_dir / RESUME_NAME}: holds a run with a different configuration or data "
+                f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use --fresh or another out dir"
+            )
+        run_id = state["run_id"]
+        history = list(state["history"])
+        stopper.load(state["early_stopping"])
+        complete, stopped_early = bool(state["complete"]), bool(state["stopped_early"])
+        resumed_from = int(state["epoch"])
+        if complete and (out_dir / METRICS_NAME).is_file():
+            metrics = json.loads((out_dir / METRICS_NAME).read_text(encoding="utf-8"))
+            log.info("run in %s is already complete (best epoch %s); not retraining (use --fresh to retrain)",
+                     out_dir, metrics.get("best_epoch"))
+            bundle = _write_bundle(config, out_dir, inputs, metrics) if config.models_dir else None
+            return TrainResult(out_dir, out_dir / BEST_NAME, metrics, history, bundle, stopped_early,
+                               stopper.best_epoch, already_complete=True, resumed_from_epoch=resumed_from)
+        model.load_state_dict(state["model_state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start_epoch = resumed_from + 1
+        log.info("resuming %s after epoch %d", out_dir, resumed_from)
+    else:
+        log.info("training %s on %s (%s) and %s (%s), contract %s", spec.name, config.train_h5,
+                 inputs.sources["train"], config.val_h5, inputs.sources["val"], inputs.expected_hash)
+
+    write_json_atomic(out_dir / CONFIG_NAME, {
+        **config.to_dict(), "resolved": settings.to_dict(), "arch": arch,
+        "feature_contract_hash": inputs.expected_hash, "run_id": run_id,
+    })
+    log.info("settings: %s; %d train / %d val samples", settings.to_dict(), train_batcher.n_samples,
+             val_batcher.n_samples)
+
+    def save_state(epoch: int) -> None:
+        save_resume(out_dir / RESUME_NAME, {
+            "fingerprint": fingerprint, "run_id": run_id, "epoch": epoch, "complete": complete,
+            "stopped_early": stopped_early, "model_state_dict": cpu_state_dict(model),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+            "early_stopping": stopper.state(), "history": history, "rng": capture_rng_state(),
+        })
+
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1) if not complete else ():
+        t_epoch = time.perf_counter()
+        lr = float(optimizer.param_groups[0]["lr"])
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+        record.update(_train_epoch(
+            epoch=epoch, n_epochs=config.epochs, model=model, spec=spec, batcher=train_batcher,
+            settings=settings, optimizer=optimizer, class_weights=class_weights, grad_clip=config.grad_clip,
+            log_every=config.log_every, progress=progress,
+        ))
+        t_val = time.perf_counter()
+        pred = _predict(model, spec, val_batcher, settings, class_weights)
+        record["val_loss"] = pred["val_loss"]
+        record["val_head_losses"] = pred["val_head_losses"]
+        record["val_macro_f1"] = _macro_f1(spec, pred)
+        record["val_seconds"] = time.perf_counter() - t_val
+        value = record[settings.monitor]
+        record["monitor_value"] = value
+        record["improved"] = stopper.update(value, epoch)
+        if record["improved"]:
+            save_best(out_dir / BEST_NAME, cpu_state_dict(model), arch, epoch, pred["val_loss"])
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(value)
+        elif scheduler is not None:
+            scheduler.step()
+        stopped_early = stopper.should_stop and epoch < config.epochs
+        complete = stopped_early or epoch == config.epochs
+        record["epoch_seconds"] = time.perf_counter() - t_epoch
+        history.append(record)
+        save_state(epoch)
+        log.info(
+            "epoch %d/%d: train %.6g val %.6g%s | %s %.6g%s | grad-norm mean %.3g max %.3g | %.0f samples/s, "
+            "loader %.0f%% | lr %.3g | %.1fs", epoch, config.epochs, record["train_loss"], record["val_loss"],
+            "" if record["val_macro_f1"] is None else f" val-macro-F1 {record['val_macro_f1']:.4f}",
+            settings.monitor, value, " (best)" if record["improved"] else "", record["grad_norm_mean"],
+            record["grad_norm_max"], record["throughput_samples_per_s"] or 0.0,
+            100 * (record["loader_share"] or 0.0), lr, record["epoch_seconds"],
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if complete:
+            break
+    if stopped_early:
+        log.info("early stopping after epoch %d: %s did not improve for %d epochs (best %.6g at epoch %d)",
+                 epoch, settings.monitor, config.patience, stopper.best_value, stopper.best_epoch)
+
+    # final evaluation of the best checkpoint on the validation split
+    t_final = time.perf_counter()
+    best = load_best(out_dir / BEST_NAME, map_location=device)
+    model.load_state_dict(best["model_state_dict"])
+    pred = _predict(model, spec, val_batcher, settings, class_weights)
+    final_val = evaluate_predictions(spec, pred["outputs"], pred["targets"], list(TARGET_NAMES), pred["tb_class"],
+                                     pred["timestamp"], baselines)
+    train_steps = [h for h in history if h.get("first_step_loss") is not None]
+    total_samples = sum(h["n_train_samples"] for h in history)
+    total_train_s = sum(h["train_seconds"] for h in history)
+    metrics: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "complete",
+        "variant": spec.name,
+        "feature_contract_hash": inputs.expected_hash,
+        "data_source": inputs.sources,
+        "settings": settings.to_dict(),
+        "monitor": settings.monitor,
+        "monitor_mode": settings.monitor_mode,
+        "best_epoch": stopper.best_epoch,
+        "best_monitor_value": stopper.best_value,
+        "best_val_loss": float(best["val_loss"]),
+        "epochs_completed": len(history),
+        "stopped_early": stopped_early,
+        "dataset": {
+            name: {"rows": s.n_rows, "samples": s.n_samples, "samples_used": b.n_samples,
+                   "eligibility_rate": s.n_samples / s.n_rows if s.n_rows else None}
+            for name, s, b in (("train", inputs.train, train_batcher), ("val", inputs.val, val_batcher))
+        },
+        "data_windows": _data_windows(inputs, train_batcher.n_samples, val_batcher.n_samples),
+        "first_step_loss": train_steps[0]["first_step_loss"] if train_steps else None,
+        "last_step_loss": train_steps[-1]["last_step_loss"] if train_steps else None,
+        "mean_grad_norm": (sum(h["grad_norm_mean"] * h["n_steps"] for h in history)
+                           / max(sum(h["n_steps"] for h in history), 1)),
+        "total_seconds": sum(h["epoch_seconds"] for h in history) + (time.perf_counter() - t_final),
+        "train_seconds": total_train_s,
+        "avg_throughput_samples_per_s": total_samples / total_train_s if total_train_s > 0 else None,
+        "baselines": baselines,
+        "final_val": final_val,
+        "head_vs_baseline": head_vs_baseline(spec, final_val),
+        "history": history,
+    }
+    plot_loss_curves(history, out_dir / CURVE_NAME, title=f"{spec.name} ({inputs.expected_hash})")
+    write_json_atomic(out_dir / METRICS_NAME, metrics)
+    log.info("final validation (best epoch %s): %s", stopper.best_epoch,
+             json.dumps(metrics["head_vs_baseline"], default=str))
+    bundle = _write_bundle(config, out_dir, inputs, metrics) if config.models_dir else None
+    return TrainResult(out_dir, out_dir / BEST_NAME, metrics, history, bundle, stopped_early, stopper.best_epoch,
+                       resumed_from_epoch=resumed_from)
+
+
+__all__ = [
+    "ResolvedSettings",
+    "TrainResult",
+    "TrainingDivergedError",
+    "TrainingError",
+    "head_vs_baseline",
+    "resolve_settings",
+    "train",
+]
