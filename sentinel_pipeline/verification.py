@@ -1,0 +1,839 @@
+"""Bundle verification: the gate that decides whether a trained model bundle may be trusted.
+
+:func:`verify_bundle` runs eight checks, in order, on a bundle directory written by
+``bundles.write_bundle`` and returns a :class:`VerificationReport`. It never raises for a bad
+bundle: a missing file, a JSON that does not parse or an exception while loading becomes a failed
+check with the reason. A check that needs an earlier one that failed is reported as failed with
+``skipped: needs <check>`` (:data:`CHECK_NEEDS`: ``manifest`` needs ``files_present``,
+``contract_hash`` needs ``manifest``, ``metadata_agrees`` and ``scalers_load`` need ``contract_hash``,
+``model_loads`` and ``metrics_sane`` need ``metadata_agrees`` (the checkpoint it loaded), and
+``quality_gates`` needs ``metrics_sane``).
+
+===================  =================================================================================
+check                passes when
+===================  =================================================================================
+``files_present``    every file of ``bundles.BUNDLE_FILES`` and ``manifest.json`` exists and nothing
+                     else is in the directory except the post-release records of
+                     :data:`POST_RELEASE_FILES` (written after release, never in the manifest)
+``manifest``         ``bundles.check_manifest`` finds every file with its recorded sha256 and size
+                     (its complaint about unlisted post-release records is ignored). Nothing is
+                     unpickled (joblib, torch) before this check has passed.
+``contract_hash``    ``feature_contract_hash.txt`` == the hash recomputed from ``feature_contract.json``
+                     == ``expected_hash``, and ``feature_schema.txt`` lists the contract's names in order
+``metadata_agrees``  ``bundle_metadata.json`` agrees with the contract (``supports_context_features``
+                     == context on and the variant reads a non-empty ctx group, as ``write_bundle``
+                     defines it; ``ctx_cat_dim``, ``ctx_cont_dim``, cardinalities, contract hash,
+                     ``input_dim``, heads), ``model_variant`` is a known variant, ``seq_len`` equals the
+                     checkpoint's and is at most the contract's (training may use shorter windows),
+                     the checkpoint (``torch.load(weights_only=True)``) has exactly the expected keys and
+                     its architecture is the one ``models.resolve_arch`` derives from the contract, and
+                     ``train_config.json`` names the same variant, architecture and contract
+``model_loads``      the checkpoint's architecture is built and its state dict loads with
+                     ``strict=True``; a forward pass on the first (up to) :data:`FORWARD_SAMPLES`
+                     validation samples (``val_h5``, read with the training loader) gives finite outputs
+                     of every head's shape ((B,) regression, (B, 3) classification). Without ``val_h5``
+                     the ``val_h5`` recorded in the bundle's ``train_config.json`` is used when that file
+                     still exists; otherwise the check fails and says so.
+``scalers_load``     both scalers load (``data.scalers.load_scalers``: the bundle's contract, hash and
+                     dims) with ``n_features_in_`` == the contract's seq / snap widths, and scaling a row
+                     of zeros gives finite values
+``metrics_sane``     ``metrics.json`` has no NaN/Inf anywhere (recursively), describes this model
+                     (variant, contract hash, best epoch and best val loss equal the checkpoint's), the
+                     best validation loss of the history is lower than the first epoch's, and the
+                     train and val sample eligibility rates lie in ``(0.1, 0.99)``
+``quality_gates``    the final validation metrics of the gated head meet the variant's
+                     :class:`QualityGates`
+===================  =================================================================================
+
+Quality gates (defaults, :data:`DEFAULT_GATES`; override per variant with a ``gates`` mapping or a
+JSON/YAML file ``{variant: {field: value}}``, see :func:`load_gates`; a field set to ``null`` switches
+that gate off). They read the final validation evaluation recorded in ``metrics.json``
+(``final_val``, computed on the whole validation split by the training engine with train-set
+baselines):
+
+- regression variants (``mlp_two_head``; gated head: the first head, whose output is the trading
+  signal): ``rank_ic >= 0.0`` and ``mse <= 1.02 * baseline_mse``. The model's ranking must not be
+  anti-correlated with the target across symbols, and it may not be materially worse than predicting
+  the train mean (the 2 % slack absorbs the shift between the train and validation means, which the
+  baseline is charged for too, and fitting noise). These are floors, not a significance test: the
+  rank IC of a model without skill is centred on 0, so it fails about half the time (and the MSE
+  gate when it overfits), while a model that learned the synthetic default's planted signal clears
+  both with room (measured: rank IC 0.073, MSE 0.985 x baseline after 5 epochs).
+- classifiers (``seq_ctx_fusion``, ``transformer_tbm``; gated head: ``direction``):
+  ``macro_f1 >= 0.34`` and ``macro_f1 >= baseline_macro_f1`` (majority class of the train split).
+  A constant predictor scores at most 1/3 macro-F1 on three classes (the F1 of the predicted class,
+  which is < 1, over three classes) and uniform random guessing about 1/3 on balanced classes (less
+  on imbalanced ones), so 0.34 asks for more than any constant or random rule, and the baseline
+  condition for more than the train-majority rule on this very split (measured on the synthetic
+  default: ``seq_ctx_fusion`` 0.409 and ``transformer_tbm`` 0.358 after 4 epochs, baseline 0.219).
+
+Verification records: :func:`write_verification_record` writes ``verification.json`` (atomically)
+into the bundle; :func:`require_verified` (used by replay) refuses a bundle unless that record
+passed, the bundle's ``manifest.json`` is byte-for-byte the one that was verified, and the manifest
+still checks out, so a bundle changed after verification is refused too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from sentinel_pipeline.atomic_io import write_json_atomic
+from sentinel_pipeline.bundles import (
+    BUNDLE_FILES,
+    HASH_NAME,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    BundleError,
+    check_manifest,
+)
+from sentinel_pipeline.data.feature_contract import (
+    FEATURE_GROUPS,
+    FeatureContract,
+    read_contract,
+    read_feature_schema,
+)
+from sentinel_pipeline.data.scalers import SCALED_GROUPS, SCALER_FILES, load_scalers
+from sentinel_pipeline.training.checkpoints import BEST_NAME, load_best
+from sentinel_pipeline.training.data_loader import WindowBatcher, load_split_for_training
+from sentinel_pipeline.training.models import VARIANTS, VariantSpec, build_model, resolve_arch
+
+REQUIRED_FILES: tuple[str, ...] = (*BUNDLE_FILES, MANIFEST_NAME)
+RECORD_NAME = "verification.json"
+# records written into a bundle after its release; never listed in (nor checked by) the manifest
+POST_RELEASE_FILES: tuple[str, ...] = (
+    RECORD_NAME,
+    "replay_report.json",
+    "replay_equity.png",
+    "replay_trades.parquet",
+    "replay_comparison.json",
+)
+CHECK_NAMES: tuple[str, ...] = (
+    "files_present",
+    "manifest",
+    "contract_hash",
+    "metadata_agrees",
+    "model_loads",
+    "scalers_load",
+    "metrics_sane",
+    "quality_gates",
+)
+# the checks each check needs to have passed first
+CHECK_NEEDS: dict[str, tuple[str, ...]] = {
+    "files_present": (),
+    "manifest": ("files_present",),
+    "contract_hash": ("manifest",),
+    "metadata_agrees": ("contract_hash",),
+    "model_loads": ("metadata_agrees",),
+    "scalers_load": ("contract_hash",),
+    "metrics_sane": ("metadata_agrees",),
+    "quality_gates": ("metrics_sane",),
+}
+FORWARD_SAMPLES = 256
+ELIGIBILITY_RANGE: tuple[float, float] = (0.1, 0.99)
+CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.json"
+
+
+class BundleNotVerifiedError(BundleError):
+    """A bundle has no passing verification record, or changed after it was verified."""
+
+
+class CheckFailed(Exception):
+    """Raised inside a check to fail it with a reason (never leaves this module)."""
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckOutcome:
+    name: str
+    passed: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VerificationReport:
+    passed: bool
+    checks: list[CheckOutcome]
+    bundle_dir: str
+    expected_hash: str
+    verified_at: str  # ISO-8601 UTC
+    manifest_digest: str | None  # sha256 of manifest.json's bytes; None when it could not be read
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [c.name for c in self.checks if not c.passed]
+
+    def check(self, name: str) -> CheckOutcome:
+        for outcome in self.checks:
+            if outcome.name == name:
+                return outcome
+        raise KeyError(f"no check named {name!r} in the report (checks: {[c.name for c in self.checks]})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "bundle_dir": self.bundle_dir,
+            "expected_hash": self.expected_hash,
+            "verified_at": self.verified_at,
+            "manifest_digest": self.manifest_digest,
+            "failed_checks": self.failed_checks,
+            "checks": [c.to_dict() for c in self.checks],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VerificationReport:
+        return cls(
+            passed=bool(d["passed"]),
+            checks=[CheckOutcome(str(c["name"]), bool(c["passed"]), str(c["detail"])) for c in d["checks"]],
+            bundle_dir=str(d["bundle_dir"]),
+            expected_hash=str(d["expected_hash"]),
+            verified_at=str(d["verified_at"]),
+            manifest_digest=d.get("manifest_digest"),
+        )
+
+    def render(self) -> str:
+        """Readable text: a header, then one line per check with PASS/FAIL and why."""
+        width = max(len(n) for n in CHECK_NAMES)
+        lines = [
+            f"bundle verification {'PASSED' if self.passed else 'FAILED'}: {self.bundle_dir}",
+            f"  expected contract hash {self.expected_hash}; manifest sha256 {self.manifest_digest}; at {self.verified_at}",
+        ]
+        for c in self.checks:
+            lines.append(f"  {'PASS' if c.passed else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+        if not self.passed:
+            lines.append(f"  failed checks: {', '.join(self.failed_checks)}")
+        return "\n".join(lines)
+
+
+# -- quality gates ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QualityGates:
+    """Thresholds on the final validation metrics of one head; ``None`` switches a gate off.
+
+    ``head`` is the gated head (``None``: the variant's signal head, i.e. its classification head for
+    classifiers and its first head otherwise). Regression gates: ``min_rank_ic`` (mean per-timestamp
+    Spearman IC), ``max_mse_ratio`` (``mse <= ratio * baseline_mse``, the train-mean predictor).
+    Classification gates: ``min_macro_f1`` and ``min_macro_f1_margin`` (``macro_f1 >=
+    baseline_macro_f1 + margin``, the train-majority predictor).
+    """
+
+    head: str | None = None
+    min_rank_ic: float | None = None
+    max_mse_ratio: float | None = None
+    min_macro_f1: float | None = None
+    min_macro_f1_margin: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+REGRESSION_GATES = QualityGates(min_rank_ic=0.0, max_mse_ratio=1.02)
+CLASSIFIER_GATES = QualityGates(min_macro_f1=0.34, min_macro_f1_margin=0.0)
+DEFAULT_GATES: dict[str, QualityGates] = {
+    name: CLASSIFIER_GATES if spec.classifier else REGRESSION_GATES for name, spec in VARIANTS.items()
+}
+GATE_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(QualityGates))
+
+GateOverrides = Mapping[str, QualityGates | Mapping[str, Any]] | str | os.PathLike[str] | None
+
+
+def _gates_from(base: QualityGates, value: QualityGates | Mapping[str, Any], where: str) -> QualityGates:
+    if isinstance(value, QualityGates):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a mapping of gate fields, got {type(value).__name__}")
+    unknown = sorted(str(k) for k in set(value) - GATE_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: unknown gate fields {unknown}; known fields are {sorted(GATE_FIELDS)}")
+    for key, v in value.items():
+        if key == "head":
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{where}: 'head' must be a head name or null, got {v!r}")
+        elif v is not None and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+        ):
+            raise ValueError(f"{where}: gate {key!r} must be a finite number or null, got {v!r}")
+    return dataclasses.replace(base, **dict(value))
+
+
+def resolve_gates(overrides: GateOverrides = None) -> dict[str, QualityGates]:
+    """:data:`DEFAULT_GATES` with ``overrides`` laid over them, per variant.
+
+    ``overrides``: ``None``; a ``{variant: QualityGates | {field: value}}`` mapping (fields given in a
+    mapping replace only those fields of the default); or the path of a JSON/YAML file holding such a
+    mapping (:func:`load_gates`). Invalid overrides raise ``ValueError``.
+    """
+    gates = dict(DEFAULT_GATES)
+    if overrides is None:
+        return gates
+    if isinstance(overrides, str | os.PathLike):
+        return load_gates(overrides)
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"gates must be a mapping of variant -> gates, got {type(overrides).__name__}")
+    unknown = sorted(str(k) for k in set(overrides) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"quality gates given for unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    for name, value in overrides.items():
+        gates[name] = _gates_from(gates[name], value, f"quality gates of {name!r}")
+    return gates
+
+
+def load_gates(path: str | os.PathLike[str]) -> dict[str, QualityGates]:
+    """Read ``{variant: {field: value}}`` from a JSON (``.json``) or YAML file over the defaults."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read quality gates: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"{path}: quality gates must be a mapping of variant -> gates, got {type(data).__name__}"
+        )
+    try:
+        return resolve_gates(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def gated_head(spec: VariantSpec, gates: QualityGates) -> str:
+    """The head a variant's gates apply to (see :class:`QualityGates`)."""
+    if gates.head is not None:
+        return gates.head
+    if spec.classifier:
+        return next(h.name for h in spec.heads if h.kind == "classification")
+    return spec.heads[0].name
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+def _sha256_bytes(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckFailed(f"{path.name}: cannot read JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckFailed(f"{path.name}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def manifest_problems(bundle_dir: str | Path) -> list[str]:
+    """``bundles.check_manifest`` less its complaints about the (unlisted) post-release records."""
+    exempt = tuple(
+        f"{name}: present in the bundle but not listed in the manifest" for name in POST_RELEASE_FILES
+    )
+    return [p for p in check_manifest(bundle_dir) if not p.startswith(exempt)]
+
+
+def _nonfinite_paths(obj: Any, path: str = "") -> list[str]:
+    """JSON paths of every NaN/Inf number inside ``obj`` (dicts and lists, recursively)."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path or "<root>"]
+    if isinstance(obj, Mapping):
+        return [p for k, v in obj.items() for p in _nonfinite_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(obj, list | tuple):
+        return [p for i, v in enumerate(obj) for p in _nonfinite_paths(v, f"{path}[{i}]")]
+    return []
+
+
+def _mismatches(pairs: list[tuple[str, Any, Any]]) -> list[str]:
+    return [
+        f"{what} is {actual!r}, expected {expected!r}"
+        for what, actual, expected in pairs
+        if actual != expected
+    ]
+
+
+@dataclass
+class _Context:
+    bundle_dir: Path
+    expected_hash: str
+    val_h5: Path | None
+    gates: dict[str, QualityGates]
+    contract: FeatureContract | None = None
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    spec: VariantSpec | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return self.bundle_dir / name
+
+
+def _check_files_present(ctx: _Context) -> str:
+    if not ctx.bundle_dir.is_dir():
+        raise CheckFailed(f"{ctx.bundle_dir} is not a directory")
+    missing = [name for name in REQUIRED_FILES if not ctx.file(name).is_file()]
+    allowed = set(REQUIRED_FILES) | set(POST_RELEASE_FILES)
+    extra = sorted(p.name for p in ctx.bundle_dir.iterdir() if p.name not in allowed or not p.is_file())
+    extra = [name for name in extra if name not in missing]
+    problems = [f"missing {missing}"] if missing else []
+    if extra:
+        problems.append(f"unexpected {extra}")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    records = sorted(p.name for p in ctx.bundle_dir.iterdir() if p.name in POST_RELEASE_FILES)
+    return f"all {len(REQUIRED_FILES)} bundle files present" + (
+        f" (+ post-release {records})" if records else ""
+    )
+
+
+def _check_manifest(ctx: _Context) -> str:
+    problems = manifest_problems(ctx.bundle_dir)
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    return f"sha256 and size of all {len(REQUIRED_FILES) - 1} files match {MANIFEST_NAME}"
+
+
+def _check_contract_hash(ctx: _Context) -> str:
+    try:
+        stated = ctx.file(HASH_NAME).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckFailed(f"{HASH_NAME}: cannot read: {exc}") from exc
+    # raises ContractError when the file's own stated hash disagrees with its content
+    contract = read_contract(ctx.file("feature_contract.json"))
+    problems = []
+    if stated != contract.hash:
+        problems.append(f"{HASH_NAME} states {stated}, feature_contract.json hashes to {contract.hash}")
+    if contract.hash != ctx.expected_hash:
+        problems.append(f"feature_contract.json hashes to {contract.hash}, expected {ctx.expected_hash}")
+    schema = read_feature_schema(ctx.file("feature_schema.txt"))
+    for group in FEATURE_GROUPS:
+        if schema[group] != contract.names(group):
+            problems.append(
+                f"feature_schema.txt {group} features {schema[group]} != contract {contract.names(group)}"
+            )
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    ctx.contract = contract
+    return f"contract hash {contract.hash} (file, contract and expected agree); schema lists its {len(contract.features)} features in order"
+
+
+def _check_metadata_agrees(ctx: _Context) -> str:
+    contract = ctx.contract
+    assert contract is not None
+    meta = _read_json_object(ctx.file(METADATA_NAME))
+    variant = meta.get("model_variant")
+    if variant not in VARIANTS:
+        raise CheckFailed(
+            f"{METADATA_NAME}: model_variant {variant!r} is not a known variant {sorted(VARIANTS)}"
+        )
+    spec = VARIANTS[variant]
+    dims = contract.dims()
+    supports_ctx = contract.context_features and any(g.startswith("ctx") and dims[g] > 0 for g in spec.inputs)
+    ckpt = load_best(ctx.file(BEST_NAME))  # weights_only=True, exact keys
+    arch = ckpt["arch"]
+    seq_len = meta.get("seq_len")
+    problems = _mismatches(
+        [
+            (f"{METADATA_NAME} feature_contract_hash", meta.get("feature_contract_hash"), contract.hash),
+            (
+                f"{METADATA_NAME} supports_context_features",
+                meta.get("supports_context_features"),
+                supports_ctx,
+            ),
+            (f"{METADATA_NAME} ctx_cat_dim", meta.get("ctx_cat_dim"), dims["ctx_cat"]),
+            (f"{METADATA_NAME} ctx_cont_dim", meta.get("ctx_cont_dim"), dims["ctx_cont"]),
+            (
+                f"{METADATA_NAME} ctx_cat_cardinalities",
+                meta.get("ctx_cat_cardinalities"),
+                contract.ctx_cat_cardinalities,
+            ),
+            (f"{METADATA_NAME} input_dim", meta.get("input_dim"), dims[spec.primary_group]),
+            (f"{METADATA_NAME} heads", meta.get("heads"), [h.to_dict() for h in spec.heads]),
+            (f"{BEST_NAME} arch variant", arch.get("variant"), variant),
+            (f"{BEST_NAME} input_dim", ckpt["input_dim"], dims[spec.primary_group]),
+            (f"{BEST_NAME} arch seq_len", arch.get("seq_len"), seq_len),
+        ]
+    )
+    if not (type(seq_len) is int and 1 <= seq_len <= contract.seq_len):
+        problems.append(
+            f"{METADATA_NAME} seq_len {seq_len!r} is not within 1..{contract.seq_len} (the contract's)"
+        )
+    if not problems:
+        hyper = {k: arch[k] for k in spec.default_arch if k in arch}
+        expected_arch = resolve_arch(spec, dims, contract.ctx_cat_cardinalities, seq_len, hyper)
+        problems += [
+            f"{BEST_NAME} arch {key} is {arch.get(key)!r}, the contract gives {expected_arch.get(key)!r}"
+            for key in sorted(set(arch) | set(expected_arch))
+            if arch.get(key) != expected_arch.get(key)
+        ]
+        problems += _mismatches([(f"{BEST_NAME} hidden_dim", ckpt["hidden_dim"], arch.get("hidden_dim"))])
+    config = _read_json_object(ctx.file(CONFIG_NAME))
+    problems += _mismatches(
+        [
+            (f"{CONFIG_NAME} model", config.get("model"), variant),
+            (f"{CONFIG_NAME} feature_contract_hash", config.get("feature_contract_hash"), contract.hash),
+            (f"{CONFIG_NAME} arch", config.get("arch"), arch),
+        ]
+    )
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    ctx.checkpoint, ctx.spec = ckpt, spec
+    return (
+        f"{variant}: context support {supports_ctx}, ctx dims {dims['ctx_cat']}+{dims['ctx_cont']}, seq_len {seq_len}, "
+        f"input_dim {ckpt['input_dim']}; checkpoint architecture matches the contract"
+    )
+
+
+def _validation_path(ctx: _Context) -> Path:
+    if ctx.val_h5 is not None:
+        if not ctx.val_h5.is_file():
+            raise CheckFailed(f"validation split {ctx.val_h5} does not exist")
+        return ctx.val_h5
+    recorded = _read_json_object(ctx.file(CONFIG_NAME)).get("val_h5")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    raise CheckFailed(
+        f"no validation data for the forward pass: val_h5 not given and the val_h5 recorded in {CONFIG_NAME} "
+        f"({recorded!r}) does not exist"
+    )
+
+
+def _check_model_loads(ctx: _Context) -> str:
+    assert ctx.contract is not None and ctx.spec is not None
+    arch = ctx.checkpoint["arch"]
+    model = build_model(arch)
+    try:
+        model.load_state_dict(ctx.checkpoint["model_state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckFailed(
+            f"{BEST_NAME}: weights do not fit the declared {arch['variant']} architecture: {exc}"
+        ) from exc
+    model.eval()
+    path = _validation_path(ctx)
+    split, source = load_split_for_training(path, ctx.contract.hash)
+    for group in FEATURE_GROUPS:
+        if list(split.feature_names.get(group, [])) != ctx.contract.names(group):
+            raise CheckFailed(f"{path}: {group} feature names differ from the bundle's contract")
+    batcher = WindowBatcher(
+        split, seq_len=arch["seq_len"], batch_size=FORWARD_SAMPLES, limit_samples=FORWARD_SAMPLES
+    )
+    if batcher.n_samples == 0:
+        raise CheckFailed(f"{path}: the validation split has no samples for the forward pass")
+    batch = batcher.batch(0)
+    n = batcher.n_samples
+    with torch.inference_mode():
+        outputs = model(batch)
+    problems = []
+    for head in arch["heads"]:
+        out = outputs.get(head["name"])
+        shape = (n,) if head["kind"] == "regression" else (n, int(head["n_out"]))
+        if out is None:
+            problems.append(f"head {head['name']!r} gives no output")
+        elif tuple(out.shape) != shape:
+            problems.append(f"head {head['name']!r} output shape {tuple(out.shape)} != {shape}")
+        elif not bool(torch.isfinite(out).all()):
+            problems.append(
+                f"head {head['name']!r} gives {int((~torch.isfinite(out)).sum())} non-finite outputs"
+            )
+    if problems:
+        raise CheckFailed(f"forward pass on {n} samples of {path}: " + "; ".join(problems))
+    n_params = sum(p.numel() for p in model.parameters())
+    heads = ", ".join(f"{h['name']}{tuple(outputs[h['name']].shape)}" for h in arch["heads"])
+    return f"{arch['variant']} ({n_params} parameters) loads strictly; forward on {n} samples of {path.name} ({source}) finite: {heads}"
+
+
+def _check_scalers_load(ctx: _Context) -> str:
+    contract = ctx.contract
+    assert contract is not None
+    fitted = load_scalers(ctx.bundle_dir, contract.hash, contract)
+    parts = []
+    for group in SCALED_GROUPS:
+        scaler = fitted.scaler(group)
+        width = len(contract.names(group))
+        if scaler.n_features_in_ != width:
+            raise CheckFailed(
+                f"{SCALER_FILES[group]}: {scaler.n_features_in_} features, the contract has {width}"
+            )
+        out = scaler.transform(np.zeros((1, width), dtype=np.float32))
+        if out.shape != (1, width) or not np.isfinite(out).all():
+            raise CheckFailed(f"{SCALER_FILES[group]}: scaling a row of zeros gives {out!r}")
+        parts.append(f"{group} {width} features")
+    return "both scalers load for contract " + contract.hash + ": " + ", ".join(parts)
+
+
+def _check_metrics_sane(ctx: _Context) -> str:
+    assert ctx.contract is not None
+    metrics = _read_json_object(ctx.file(METRICS_NAME))
+    bad = _nonfinite_paths(metrics)
+    if bad:
+        raise CheckFailed(
+            f"{METRICS_NAME}: non-finite values at {bad[:10]}"
+            + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+        )
+    ckpt = ctx.checkpoint
+    problems = _mismatches(
+        [
+            (f"{METRICS_NAME} status", metrics.get("status"), "complete"),
+            (f"{METRICS_NAME} variant", metrics.get("variant"), ckpt["arch"]["variant"]),
+            (
+                f"{METRICS_NAME} feature_contract_hash",
+                metrics.get("feature_contract_hash"),
+                ctx.contract.hash,
+            ),
+            (f"{METRICS_NAME} best_epoch", metrics.get("best_epoch"), ckpt["epoch"]),
+        ]
+    )
+    best_val = metrics.get("best_val_loss")
+    if not isinstance(best_val, int | float) or not math.isclose(
+        best_val, ckpt["val_loss"], rel_tol=1e-6, abs_tol=1e-12
+    ):
+        problems.append(f"{METRICS_NAME} best_val_loss {best_val!r} != the checkpoint's {ckpt['val_loss']!r}")
+    history = metrics.get("history")
+    losses = (
+        [h.get("val_loss") for h in history]
+        if isinstance(history, list) and all(isinstance(h, dict) for h in history)
+        else None
+    )
+    if not losses or not all(isinstance(v, int | float) for v in losses):
+        problems.append(f"{METRICS_NAME} history has no per-epoch val_loss")
+    elif not min(losses) < losses[0]:
+        problems.append(
+            f"validation loss never improved on the first epoch's {losses[0]:.6g} ({len(losses)} epochs)"
+        )
+    rates = {}
+    for split in ("train", "val"):
+        rate = (metrics.get("dataset") or {}).get(split, {}).get("eligibility_rate")
+        lo, hi = ELIGIBILITY_RANGE
+        if not isinstance(rate, int | float) or not lo < rate < hi:
+            problems.append(f"{split} eligibility rate {rate!r} outside ({lo}, {hi})")
+        rates[split] = rate
+    heads = (metrics.get("final_val") or {}).get("heads")
+    missing = [
+        h["name"] for h in ckpt["arch"]["heads"] if not isinstance(heads, dict) or h["name"] not in heads
+    ]
+    if missing:
+        problems.append(f"{METRICS_NAME} final_val has no metrics for heads {missing}")
+    if problems:
+        raise CheckFailed("; ".join(problems))
+    ctx.metrics = metrics
+    return (
+        f"all values finite; best val loss {min(losses):.6g} < first epoch {losses[0]:.6g} over {len(losses)} epochs; "
+        f"eligibility train {rates['train']:.3f}, val {rates['val']:.3f}"
+    )
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, int | float) else repr(x)
+
+
+def _gate(label: str, value: Any, op: str, bound: float, why: str = "") -> tuple[bool, str]:
+    """(passed, text) of one gate ``value op bound``; an undefined value or bound fails."""
+    why = f" ({why})" if why else ""
+    if not isinstance(value, int | float) or not math.isfinite(value) or not math.isfinite(bound):
+        return False, f"{label} is undefined ({value!r}), needs {op} {_num(bound)}{why}"
+    ok = value >= bound if op == ">=" else value <= bound
+    return ok, f"{label} {value:.4g} {op if ok else ('<' if op == '>=' else '>')} {bound:.4g}{why}"
+
+
+def _check_quality_gates(ctx: _Context) -> str:
+    spec = ctx.spec
+    assert spec is not None
+    gates = ctx.gates[spec.name]
+    head_name = gated_head(spec, gates)
+    head = next((h for h in spec.heads if h.name == head_name), None)
+    if head is None:
+        raise CheckFailed(
+            f"gated head {head_name!r} is not a head of {spec.name} ({[h.name for h in spec.heads]})"
+        )
+    m = ctx.metrics["final_val"]["heads"][head_name]
+    results: list[tuple[bool, str]] = []
+    regression_gates = {"min_rank_ic": gates.min_rank_ic, "max_mse_ratio": gates.max_mse_ratio}
+    classifier_gates = {"min_macro_f1": gates.min_macro_f1, "min_macro_f1_margin": gates.min_macro_f1_margin}
+    wrong = regression_gates if head.kind == "classification" else classifier_gates
+    for name, value in wrong.items():
+        if value is not None:
+            results.append((False, f"gate {name} does not apply to {head.kind} head {head_name!r}"))
+    if head.kind == "regression":
+        if gates.min_rank_ic is not None:
+            results.append(_gate("rank_ic", m.get("rank_ic"), ">=", gates.min_rank_ic))
+        if gates.max_mse_ratio is not None:
+            base = m.get("baseline_mse")
+            bound = gates.max_mse_ratio * base if isinstance(base, int | float) else float("nan")
+            results.append(
+                _gate(
+                    "mse", m.get("mse"), "<=", bound, f"{gates.max_mse_ratio:g} x baseline mse {_num(base)}"
+                )
+            )
+    else:
+        if gates.min_macro_f1 is not None:
+            results.append(_gate("macro_f1", m.get("macro_f1"), ">=", gates.min_macro_f1))
+        if gates.min_macro_f1_margin is not None:
+            base = m.get("baseline_macro_f1")
+            bound = base + gates.min_macro_f1_margin if isinstance(base, int | float) else float("nan")
+            results.append(
+                _gate(
+                    "macro_f1",
+                    m.get("macro_f1"),
+                    ">=",
+                    bound,
+                    f"baseline macro_f1 {_num(base)} + {gates.min_macro_f1_margin:g}",
+                )
+            )
+    if not results:
+        return f"no gates configured for {spec.name} (head {head_name})"
+    detail = f"{spec.name} head {head_name}: " + "; ".join(text for _, text in results)
+    if not all(ok for ok, _ in results):
+        raise CheckFailed(detail)
+    return detail
+
+
+_CHECKS: dict[str, Callable[[_Context], str]] = {
+    "files_present": _check_files_present,
+    "manifest": _check_manifest,
+    "contract_hash": _check_contract_hash,
+    "metadata_agrees": _check_metadata_agrees,
+    "model_loads": _check_model_loads,
+    "scalers_load": _check_scalers_load,
+    "metrics_sane": _check_metrics_sane,
+    "quality_gates": _check_quality_gates,
+}
+
+
+def _run_check(name: str, ctx: _Context) -> CheckOutcome:
+    try:
+        return CheckOutcome(name, True, _CHECKS[name](ctx))
+    except CheckFailed as exc:
+        return CheckOutcome(name, False, str(exc))
+    except Exception as exc:  # any error while reading or loading a bad bundle is a failed check
+        return CheckOutcome(name, False, f"{type(exc).__name__}: {exc}")
+
+
+def verify_bundle(
+    bundle_dir: str | os.PathLike[str],
+    expected_hash: str,
+    *,
+    val_h5: str | os.PathLike[str] | None = None,
+    gates: GateOverrides | QualityGates = None,
+) -> VerificationReport:
+    """Run every check of the module docstring on ``bundle_dir``; never raises for a bad bundle.
+
+    ``gates``: per-variant overrides of :data:`DEFAULT_GATES` (see :func:`resolve_gates`), or one
+    :class:`QualityGates` used whatever the bundle's variant. Invalid gate overrides raise
+    ``ValueError`` (a caller error, not a bundle problem).
+    """
+    bundle_dir = Path(bundle_dir)
+    if isinstance(gates, QualityGates):
+        resolved = {name: gates for name in VARIANTS}
+    else:
+        resolved = resolve_gates(gates)
+    ctx = _Context(bundle_dir, str(expected_hash), Path(val_h5) if val_h5 is not None else None, resolved)
+    manifest_digest = _sha256_bytes(bundle_dir / MANIFEST_NAME)
+    outcomes: dict[str, CheckOutcome] = {}
+    for name in CHECK_NAMES:
+        failed_needs = [n for n in CHECK_NEEDS[name] if not outcomes[n].passed]
+        if failed_needs:
+            outcomes[name] = CheckOutcome(name, False, f"skipped: needs {', '.join(failed_needs)}")
+        else:
+            outcomes[name] = _run_check(name, ctx)
+    checks = [outcomes[n] for n in CHECK_NAMES]
+    return VerificationReport(
+        passed=all(c.passed for c in checks),
+        checks=checks,
+        bundle_dir=str(bundle_dir),
+        expected_hash=str(expected_hash),
+        verified_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        manifest_digest=manifest_digest,
+    )
+
+
+# -- verification records ---------------------------------------------------------------------
+
+
+def write_verification_record(bundle_dir: str | os.PathLike[str], report: VerificationReport) -> Path:
+    """Write ``report`` as the bundle's ``verification.json`` (atomically); returns its path.
+
+    The record is a post-release file: it is not in the manifest and does not change what the
+    manifest covers. Earlier records are kept, summarised, under ``"previous"``.
+    """
+    bundle_dir = Path(bundle_dir)
+    if bundle_dir.resolve() != Path(report.bundle_dir).resolve():
+        raise ValueError(f"report is for {report.bundle_dir}, not for {bundle_dir}")
+    path = bundle_dir / RECORD_NAME
+    previous: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            previous = list(old.get("previous", [])) + [
+                {
+                    k: old.get(k)
+                    for k in ("verified_at", "passed", "failed_checks", "manifest_digest", "expected_hash")
+                }
+            ]
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError):
+            previous = []
+    return write_json_atomic(path, {**report.to_dict(), "previous": previous})
+
+
+def require_verified(bundle_dir: str | os.PathLike[str], expected_hash: str | None = None) -> dict[str, Any]:
+    """The bundle's passing verification record; raises :class:`BundleNotVerifiedError` otherwise.
+
+    Refused: no (readable) ``verification.json``; a record that did not pass (the message lists the
+    failed checks); a record for another ``expected_hash`` (when given); a ``manifest.json`` whose
+    sha256 differs from the verified one; a bundle that fails its manifest check now.
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / RECORD_NAME
+    if not path.is_file():
+        raise BundleNotVerifiedError(f"{bundle_dir}: bundle has not been verified (no {RECORD_NAME})")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        report = VerificationReport.from_dict(record)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: unreadable verification record {path.name}: {exc}"
+        ) from exc
+    failed = report.failed_checks
+    if not report.passed or failed or [c.name for c in report.checks] != list(CHECK_NAMES):
+        reasons = (
+            "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.passed) or "incomplete record"
+        )
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: bundle failed verification at {report.verified_at} (failed checks {failed}): {reasons}"
+        )
+    if expected_hash is not None and report.expected_hash != expected_hash:
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: verified for feature contract {report.expected_hash}, expected {expected_hash}"
+        )
+    digest = _sha256_bytes(bundle_dir / MANIFEST_NAME)
+    if digest is None or digest != report.manifest_digest:
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: {MANIFEST_NAME} changed since verification at {report.verified_at} "
+            f"(sha256 {digest} != verified {report.manifest_digest})"
+        )
+    problems = manifest_problems(bundle_dir)
+    if problems:
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: bundle changed since verification at {report.verified_at}: " + "; ".join(problems)
+        )
+    return record

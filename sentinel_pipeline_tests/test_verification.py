@@ -1,0 +1,512 @@
+"""Bundle verification: a good bundle passes, every kind of tampering is caught by the right check,
+quality gates follow their thresholds, and ``require_verified`` guards replay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sentinel_pipeline.atomic_io import write_json_atomic
+from sentinel_pipeline.bundles import BUNDLE_FILES, build_manifest
+from sentinel_pipeline.data.scalers import ClippedRobustScaler
+from sentinel_pipeline.training.checkpoints import load_best, save_best
+from sentinel_pipeline.training.engine import train
+from sentinel_pipeline.training.models import VARIANTS, build_model, resolve_arch
+from sentinel_pipeline.verification import (
+    CHECK_NAMES,
+    DEFAULT_GATES,
+    POST_RELEASE_FILES,
+    RECORD_NAME,
+    BundleNotVerifiedError,
+    QualityGates,
+    VerificationReport,
+    load_gates,
+    require_verified,
+    verify_bundle,
+    write_verification_record,
+)
+from sentinel_pipeline_tests.dataset_factory import make_contract
+from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
+
+VARIANTS_TESTED = ("mlp_two_head", "seq_ctx_fusion")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> TrainingData:
+    return make_training_data(tmp_path_factory.mktemp("data"), signal=1.0)
+
+
+@pytest.fixture(scope="module")
+def trained(data: TrainingData, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny real bundle per tested variant, trained once for the module (never modified)."""
+    out = tmp_path_factory.mktemp("runs")
+    bundles = {}
+    for variant in VARIANTS_TESTED:
+        config = train_config(
+            data, out / variant, model=variant, epochs=3, batch_size=64, models_dir=out / "models"
+        )
+        bundles[variant] = train(config, progress=False).bundle_dir
+    return bundles
+
+
+@pytest.fixture()
+def bundle(trained: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the MLP bundle that a test may tamper with."""
+    dst = tmp_path / trained["mlp_two_head"].name
+    shutil.copytree(trained["mlp_two_head"], dst)
+    return dst
+
+
+def _verify(bundle: Path, data: TrainingData, **kwargs: Any) -> VerificationReport:
+    return verify_bundle(bundle, data.hash, val_h5=data.val_h5, **kwargs)
+
+
+def _rewrite_manifest(bundle: Path) -> None:
+    """What a careless (or malicious) hand would do: make the manifest match the tampered files."""
+    write_json_atomic(bundle / "manifest.json", build_manifest(bundle))
+
+
+def _edit_json(bundle: Path, name: str, edit: Any) -> None:
+    obj = json.loads((bundle / name).read_text())
+    edit(obj)
+    (bundle / name).write_text(json.dumps(obj))  # json.dumps writes NaN for float("nan")
+    _rewrite_manifest(bundle)
+
+
+def _assert_caught_by(report: VerificationReport, check: str, *fragments: str) -> None:
+    """``check`` failed (naming every fragment), every check before it passed, the report failed."""
+    assert not report.passed
+    index = CHECK_NAMES.index(check)
+    for earlier in CHECK_NAMES[:index]:
+        assert report.check(earlier).passed, report.render()
+    outcome = report.check(check)
+    assert not outcome.passed, report.render()
+    for fragment in fragments:
+        assert fragment in outcome.detail, outcome.detail
+
+
+# -- the good bundle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS_TESTED)
+def test_good_bundle_passes_every_check(variant: str, trained: dict[str, Path], data: TrainingData) -> None:
+    bundle = trained[variant]
+    report = _verify(bundle, data)
+    assert report.passed, report.render()
+    assert [c.name for c in report.checks] == list(CHECK_NAMES) and report.failed_checks == []
+    assert report.manifest_digest == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert report.expected_hash == data.hash and report.verified_at.endswith("Z")
+    text = report.render()
+    assert "PASSED" in text and all(f"PASS  {name}" in text for name in CHECK_NAMES)
+    as_dict = json.loads(json.dumps(report.to_dict()))
+    assert VerificationReport.from_dict(as_dict) == report
+    assert variant in report.check("quality_gates").detail
+
+
+def test_forward_pass_uses_the_recorded_val_split_without_val_h5(bundle: Path, data: TrainingData) -> None:
+    report = verify_bundle(bundle, data.hash)
+    assert report.passed, report.render()
+    assert "val.h5" in report.check("model_loads").detail
+
+
+def test_without_val_h5_and_no_recorded_split_model_loads_fails(bundle: Path, data: TrainingData) -> None:
+    _edit_json(bundle, "train_config.json", lambda c: c.update(val_h5=str(bundle / "gone" / "val.h5")))
+    report = verify_bundle(bundle, data.hash)
+    _assert_caught_by(report, "model_loads", "no validation data", "does not exist")
+
+
+# -- files and manifest ------------------------------------------------------------------------
+
+
+def test_missing_file_fails_files_present_and_skips_the_rest(bundle: Path, data: TrainingData) -> None:
+    (bundle / "loss_curve.png").unlink()
+    report = _verify(bundle, data)
+    _assert_caught_by(report, "files_present", "loss_curve.png")
+    assert report.check("manifest").detail == "skipped: needs files_present"
+    assert all(report.check(n).detail.startswith("skipped: needs") for n in CHECK_NAMES[1:])
+
+
+def test_unexpected_extra_file_fails_files_present(bundle: Path, data: TrainingData) -> None:
+    (bundle / "notes.txt").write_text("hello")
+    _assert_caught_by(_verify(bundle, data), "files_present", "unexpected", "notes.txt")
+
+
+def test_post_release_records_are_allowed(bundle: Path, data: TrainingData) -> None:
+    for name in POST_RELEASE_FILES:
+        (bundle / name).write_text("{}")
+    report = _verify(bundle, data)
+    assert report.passed, report.render()
+
+
+def test_not_a_directory_is_a_failed_check(tmp_path: Path, data: TrainingData) -> None:
+    report = _verify(tmp_path / "nope", data)
+    _assert_caught_by(report, "files_present", "not a directory")
+    assert report.manifest_digest is None
+
+
+def test_one_changed_byte_in_the_weights_fails_the_manifest_before_any_unpickling(
+    bundle: Path, data: TrainingData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = bytearray((bundle / "model_best.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (bundle / "model_best.pt").write_bytes(bytes(raw))
+    unpickled: list[str] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append("torch") or {})
+    monkeypatch.setattr(joblib, "load", lambda *a, **k: unpickled.append("joblib"))
+    report = _verify(bundle, data)
+    _assert_caught_by(report, "manifest", "model_best.pt", "sha256")
+    assert unpickled == []
+    assert all(report.check(n).detail.startswith("skipped: needs") for n in CHECK_NAMES[2:])
+
+
+# -- contract ----------------------------------------------------------------------------------
+
+
+def test_contract_from_another_feature_set_fails_contract_hash(bundle: Path, data: TrainingData) -> None:
+    other = make_contract(data.contract.seq_len, True, 6, 3)
+    assert other.hash != data.hash
+    other.write(bundle)  # feature_contract.json + feature_schema.txt of the other feature set
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "contract_hash", other.hash, data.hash)
+
+
+def test_consistent_foreign_contract_fails_on_the_expected_hash(bundle: Path, data: TrainingData) -> None:
+    other = make_contract(data.contract.seq_len, True, 6, 3)
+    other.write(bundle)
+    (bundle / "feature_contract_hash.txt").write_text(other.hash + "\n")
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "contract_hash", f"expected {data.hash}")
+
+
+def test_wrong_expected_hash_fails_contract_hash(bundle: Path, data: TrainingData) -> None:
+    report = verify_bundle(bundle, "0" * 16, val_h5=data.val_h5)
+    _assert_caught_by(report, "contract_hash", "expected 0000000000000000")
+
+
+def test_schema_out_of_order_fails_contract_hash(bundle: Path, data: TrainingData) -> None:
+    lines = (bundle / "feature_schema.txt").read_text().splitlines()
+    seq = data.contract.names("seq")
+    i, j = lines.index(seq[0]), lines.index(seq[1])
+    lines[i], lines[j] = lines[j], lines[i]
+    (bundle / "feature_schema.txt").write_text("\n".join(lines) + "\n")
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "contract_hash", "feature_schema.txt seq features")
+
+
+# -- metadata and model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("supports_context_features", True),
+        ("ctx_cat_dim", 3),
+        ("ctx_cont_dim", 0),
+        ("seq_len", 99),
+        ("feature_contract_hash", "ffffffffffffffff"),
+        ("model_variant", "lstm_magic"),
+    ],
+)
+def test_metadata_disagreeing_fails_metadata_agrees(
+    bundle: Path, data: TrainingData, key: str, value: Any
+) -> None:
+    _edit_json(bundle, "bundle_metadata.json", lambda m: m.update({key: value}))
+    _assert_caught_by(_verify(bundle, data), "metadata_agrees", key)
+
+
+def test_unparseable_metadata_is_a_failed_check(bundle: Path, data: TrainingData) -> None:
+    (bundle / "bundle_metadata.json").write_text("{not json")
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "metadata_agrees", "bundle_metadata.json", "cannot read JSON")
+
+
+def _other_arch(data: TrainingData, variant: str, **overrides: Any) -> dict[str, Any]:
+    c = data.contract
+    return resolve_arch(variant, c.dims(), c.ctx_cat_cardinalities, c.seq_len, overrides)
+
+
+def test_weights_of_another_variant_under_the_declared_arch_fail_model_loads(
+    bundle: Path, data: TrainingData
+) -> None:
+    """Weights and manifest swapped, the checkpoint still claims the MLP: strict loading catches it."""
+    ckpt = load_best(bundle / "model_best.pt")
+    foreign = build_model(_other_arch(data, "seq_ctx_fusion")).state_dict()
+    save_best(bundle / "model_best.pt", foreign, ckpt["arch"], ckpt["epoch"], ckpt["val_loss"])
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "model_loads", "do not fit", "mlp_two_head")
+
+
+def test_checkpoint_of_another_variant_fails_metadata_agrees(bundle: Path, data: TrainingData) -> None:
+    arch = _other_arch(data, "transformer_tbm")
+    ckpt = load_best(bundle / "model_best.pt")
+    save_best(bundle / "model_best.pt", build_model(arch).state_dict(), arch, ckpt["epoch"], ckpt["val_loss"])
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "metadata_agrees", "arch variant", "transformer_tbm")
+
+
+def test_checkpoint_of_another_run_fails_metadata_agrees(bundle: Path, data: TrainingData) -> None:
+    """A consistent checkpoint of the same variant but another architecture than the run recorded."""
+    arch = _other_arch(data, "mlp_two_head", hidden_dim=32)
+    ckpt = load_best(bundle / "model_best.pt")
+    save_best(bundle / "model_best.pt", build_model(arch).state_dict(), arch, ckpt["epoch"], ckpt["val_loss"])
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "metadata_agrees", "train_config.json arch")
+
+
+def test_checkpoint_from_another_epoch_fails_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    ckpt = load_best(bundle / "model_best.pt")
+    save_best(
+        bundle / "model_best.pt",
+        ckpt["model_state_dict"],
+        ckpt["arch"],
+        ckpt["epoch"] + 7,
+        ckpt["val_loss"] * 2,
+    )
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "metrics_sane", "best_epoch", "best_val_loss")
+
+
+def test_checkpoint_with_extra_keys_fails(bundle: Path, data: TrainingData) -> None:
+    ckpt = load_best(bundle / "model_best.pt")
+    torch.save({**ckpt, "optimizer": {}}, bundle / "model_best.pt")
+    _rewrite_manifest(bundle)
+    _assert_caught_by(_verify(bundle, data), "metadata_agrees", "keys")
+
+
+# -- scalers -----------------------------------------------------------------------------------
+
+
+def test_scaler_with_other_dims_fails_scalers_load(bundle: Path, data: TrainingData) -> None:
+    width = len(data.contract.names("snap")) + 2
+    swapped = ClippedRobustScaler().fit(np.random.default_rng(0).normal(size=(50, width)))
+    swapped.feature_contract_hash_ = data.hash
+    joblib.dump(swapped, bundle / "snap_scaler.joblib")
+    _rewrite_manifest(bundle)
+    report = _verify(bundle, data)
+    _assert_caught_by(report, "scalers_load", "snap_scaler.joblib", f"{width} snap features")
+    assert report.check("metrics_sane").passed and report.check("quality_gates").passed
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def test_nan_in_metrics_fails_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    _edit_json(
+        bundle, "metrics.json", lambda m: m["final_val"]["heads"]["early_move"].update(mse=float("nan"))
+    )
+    report = _verify(bundle, data)
+    _assert_caught_by(report, "metrics_sane", "final_val.heads.early_move.mse")
+    assert report.check("quality_gates").detail == "skipped: needs metrics_sane"
+
+
+def test_inf_deep_in_the_history_fails_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    _edit_json(
+        bundle,
+        "metrics.json",
+        lambda m: m["history"][-1]["train_head_losses"].update(early_move=float("inf")),
+    )
+    _assert_caught_by(_verify(bundle, data), "metrics_sane", "history[2].train_head_losses.early_move")
+
+
+def test_validation_loss_that_never_improved_fails_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    def flat(m: dict[str, Any]) -> None:
+        for h in m["history"]:
+            h["val_loss"] = m["history"][0]["val_loss"]
+
+    _edit_json(bundle, "metrics.json", flat)
+    _assert_caught_by(_verify(bundle, data), "metrics_sane", "never improved")
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.995])
+def test_eligibility_rate_out_of_range_fails_metrics_sane(
+    bundle: Path, data: TrainingData, rate: float
+) -> None:
+    _edit_json(bundle, "metrics.json", lambda m: m["dataset"]["val"].update(eligibility_rate=rate))
+    _assert_caught_by(_verify(bundle, data), "metrics_sane", "val eligibility rate")
+
+
+# -- quality gates -----------------------------------------------------------------------------
+
+
+def _final(bundle: Path, head: str) -> dict[str, Any]:
+    return json.loads((bundle / "metrics.json").read_text())["final_val"]["heads"][head]
+
+
+def test_default_gates_cover_every_variant() -> None:
+    assert set(DEFAULT_GATES) == set(VARIANTS)
+    for name, spec in VARIANTS.items():
+        gates = DEFAULT_GATES[name]
+        if spec.classifier:
+            assert (gates.min_macro_f1, gates.min_macro_f1_margin, gates.min_rank_ic) == (0.34, 0.0, None)
+        else:
+            assert (gates.min_rank_ic, gates.max_mse_ratio, gates.min_macro_f1) == (0.0, 1.02, None)
+
+
+def test_regression_gates_pass_and_fail_by_threshold(bundle: Path, data: TrainingData) -> None:
+    m = _final(bundle, "early_move")
+    ratio = m["mse"] / m["baseline_mse"]
+    assert _verify(bundle, data, gates={"mlp_two_head": {"min_rank_ic": m["rank_ic"] - 0.01}}).passed
+    report = _verify(bundle, data, gates={"mlp_two_head": {"min_rank_ic": m["rank_ic"] + 0.01}})
+    _assert_caught_by(report, "quality_gates", "rank_ic", "early_move")
+    assert _verify(bundle, data, gates={"mlp_two_head": {"max_mse_ratio": ratio + 0.01}}).passed
+    _assert_caught_by(
+        _verify(bundle, data, gates={"mlp_two_head": {"max_mse_ratio": ratio - 0.01}}), "quality_gates", "mse"
+    )
+
+
+def test_gates_on_another_head(bundle: Path, data: TrainingData) -> None:
+    m = _final(bundle, "tb_return_atr")
+    gates = QualityGates(head="tb_return_atr", min_rank_ic=m["rank_ic"] + 0.01)
+    _assert_caught_by(_verify(bundle, data, gates=gates), "quality_gates", "tb_return_atr")
+    wrong = QualityGates(head="direction", min_rank_ic=0.0)
+    _assert_caught_by(_verify(bundle, data, gates=wrong), "quality_gates", "not a head")
+    misplaced = QualityGates(min_macro_f1=0.1)
+    _assert_caught_by(_verify(bundle, data, gates=misplaced), "quality_gates", "does not apply")
+
+
+def test_classifier_gates_pass_and_fail_by_threshold(trained: dict[str, Path], data: TrainingData) -> None:
+    bundle = trained["seq_ctx_fusion"]
+    m = _final(bundle, "direction")
+    assert m["macro_f1"] >= 0.34 and m["macro_f1"] >= m["baseline_macro_f1"]
+    assert _verify(bundle, data, gates={"seq_ctx_fusion": {"min_macro_f1": m["macro_f1"] - 0.01}}).passed
+    report = _verify(bundle, data, gates={"seq_ctx_fusion": {"min_macro_f1": m["macro_f1"] + 0.01}})
+    _assert_caught_by(report, "quality_gates", "macro_f1", "direction")
+    margin = m["macro_f1"] - m["baseline_macro_f1"] + 0.01
+    _assert_caught_by(
+        _verify(bundle, data, gates={"seq_ctx_fusion": {"min_macro_f1_margin": margin}}),
+        "quality_gates",
+        "baseline",
+    )
+
+
+def test_default_gates_fail_a_model_that_learned_nothing(bundle: Path, data: TrainingData) -> None:
+    """Metrics of a model no better than the train-mean predictor (recorded consistently) fail the gates."""
+
+    def no_skill(m: dict[str, Any]) -> None:
+        head = m["final_val"]["heads"]["early_move"]
+        head.update(rank_ic=-0.01, mse=head["baseline_mse"] * 1.05)
+
+    _edit_json(bundle, "metrics.json", no_skill)
+    report = _verify(bundle, data)
+    _assert_caught_by(report, "quality_gates", "rank_ic -0.01 < 0", "mse")
+
+
+def test_undefined_metric_fails_its_gate(bundle: Path, data: TrainingData) -> None:
+    _edit_json(bundle, "metrics.json", lambda m: m["final_val"]["heads"]["early_move"].update(rank_ic=None))
+    _assert_caught_by(_verify(bundle, data), "quality_gates", "rank_ic is undefined")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_gates_load_from_json_and_yaml(tmp_path: Path, bundle: Path, data: TrainingData, suffix: str) -> None:
+    m = _final(bundle, "early_move")
+    body = {"mlp_two_head": {"min_rank_ic": m["rank_ic"] + 0.01}, "transformer_tbm": {"min_macro_f1": None}}
+    path = tmp_path / f"gates{suffix}"
+    path.write_text(json.dumps(body) if suffix == ".json" else yaml.safe_dump(body))
+    gates = load_gates(path)
+    assert gates["mlp_two_head"].min_rank_ic == pytest.approx(m["rank_ic"] + 0.01)
+    assert gates["mlp_two_head"].max_mse_ratio == 1.02  # untouched fields keep their defaults
+    assert (
+        gates["transformer_tbm"].min_macro_f1 is None
+        and gates["seq_ctx_fusion"] == DEFAULT_GATES["seq_ctx_fusion"]
+    )
+    _assert_caught_by(_verify(bundle, data, gates=path), "quality_gates", "rank_ic")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"no_such_variant": {"min_rank_ic": 0.1}}, "unknown variants"),
+        ({"mlp_two_head": {"min_sharpe": 1.0}}, "unknown gate fields"),
+        ({"mlp_two_head": {"min_rank_ic": "high"}}, "finite number"),
+        ({"mlp_two_head": {"min_rank_ic": math.inf}}, "finite number"),
+        (["mlp_two_head"], "mapping"),
+    ],
+)
+def test_bad_gates_files_are_refused(tmp_path: Path, body: Any, message: str) -> None:
+    path = tmp_path / "gates.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ValueError, match=message) as info:
+        load_gates(path)
+    assert str(path) in str(info.value)
+
+
+# -- verification records ----------------------------------------------------------------------
+
+
+def test_require_verified_refuses_an_unverified_bundle(bundle: Path) -> None:
+    with pytest.raises(BundleNotVerifiedError, match="has not been verified") as info:
+        require_verified(bundle)
+    assert bundle.name in str(info.value)
+
+
+def test_require_verified_accepts_a_verified_bundle(bundle: Path, data: TrainingData) -> None:
+    report = _verify(bundle, data)
+    path = write_verification_record(bundle, report)
+    assert path == bundle / RECORD_NAME
+    assert RECORD_NAME not in json.loads((bundle / "manifest.json").read_text())["files"]
+    record = require_verified(bundle, expected_hash=data.hash)
+    assert record["passed"] and record["manifest_digest"] == report.manifest_digest
+    # the record is a post-release file: the bundle still verifies with it in place
+    again = _verify(bundle, data)
+    assert again.passed, again.render()
+    write_verification_record(bundle, again)
+    record = require_verified(bundle)
+    assert record["verified_at"] == again.verified_at and len(record["previous"]) == 1
+    with pytest.raises(BundleNotVerifiedError, match="verified for feature contract"):
+        require_verified(bundle, expected_hash="0" * 16)
+
+
+def test_require_verified_refuses_a_failed_bundle(bundle: Path, data: TrainingData) -> None:
+    _edit_json(bundle, "metrics.json", lambda m: m["history"][0].update(val_loss=float("nan")))
+    write_verification_record(bundle, _verify(bundle, data))
+    with pytest.raises(BundleNotVerifiedError, match="metrics_sane") as info:
+        require_verified(bundle)
+    assert bundle.name in str(info.value) and "failed verification" in str(info.value)
+
+
+def test_require_verified_refuses_a_hand_edited_record(bundle: Path, data: TrainingData) -> None:
+    _edit_json(bundle, "metrics.json", lambda m: m["history"][0].update(val_loss=float("nan")))
+    write_verification_record(bundle, _verify(bundle, data))
+    record = json.loads((bundle / RECORD_NAME).read_text())
+    record["passed"] = True
+    (bundle / RECORD_NAME).write_text(json.dumps(record))
+    with pytest.raises(BundleNotVerifiedError, match="metrics_sane"):
+        require_verified(bundle)
+
+
+def test_require_verified_refuses_a_bundle_tampered_after_verification(
+    bundle: Path, data: TrainingData
+) -> None:
+    write_verification_record(bundle, _verify(bundle, data))
+    require_verified(bundle)
+    raw = bytearray((bundle / "snap_scaler.joblib").read_bytes())
+    raw[-3] ^= 0xFF
+    (bundle / "snap_scaler.joblib").write_bytes(bytes(raw))
+    with pytest.raises(BundleNotVerifiedError, match="changed since verification.*snap_scaler.joblib"):
+        require_verified(bundle)
+    _rewrite_manifest(bundle)  # covering the tracks: the manifest now matches, but it is not the verified one
+    with pytest.raises(BundleNotVerifiedError, match="manifest.json changed since verification"):
+        require_verified(bundle)
+
+
+def test_write_verification_record_refuses_a_report_of_another_bundle(
+    bundle: Path, trained: dict[str, Path], data: TrainingData
+) -> None:
+    report = _verify(trained["seq_ctx_fusion"], data)
+    with pytest.raises(ValueError, match="not for"):
+        write_verification_record(bundle, report)
+    assert not (bundle / RECORD_NAME).exists()
+
+
+def test_bundle_files_are_what_the_bundle_module_writes(bundle: Path) -> None:
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json"])
