@@ -61,6 +61,15 @@ from sentinel_pipeline.training.models import build_model, get_variant
 MANIFEST_NAME = "manifest.json"
 METADATA_NAME = "bundle_metadata.json"
 HASH_NAME = "feature_contract_hash.txt"
+# records written next to a released bundle afterwards (verification, replay); never in the manifest,
+# never loaded as part of the model, and allowed to appear without invalidating the bundle
+POST_RELEASE_FILES: tuple[str, ...] = (
+    "verification.json",
+    "replay_report.json",
+    "replay_equity.png",
+    "replay_trades.parquet",
+    "replay_comparison.json",
+)
 RUN_FILES: tuple[str, ...] = (BEST_NAME, "metrics.json", "loss_curve.png", "train_log.txt", "train_config.json")
 SCALER_FILES: tuple[str, ...] = ("seq_scaler.joblib", "snap_scaler.joblib", "scalers.json")
 BUNDLE_FILES: tuple[str, ...] = (
@@ -274,7 +283,8 @@ def check_manifest(bundle_dir: str | Path) -> list[str]:
     """Every problem with a bundle's files against its manifest; an empty list means intact.
 
     Checks: the manifest is readable; it lists every required file; every listed file exists with
-    the recorded size and sha256; the directory holds nothing that is not listed.
+    the recorded size and sha256; the directory holds nothing that is not listed (apart from the
+    post-release records of :data:`POST_RELEASE_FILES`).
     """
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
@@ -312,7 +322,7 @@ def check_manifest(bundle_dir: str | Path) -> list[str]:
         if actual != digest:
             problems.append(f"{name}: sha256 {actual} != manifest {digest}")
     for p in sorted(bundle_dir.iterdir()):
-        if p.name != MANIFEST_NAME and p.name not in files:
+        if p.name != MANIFEST_NAME and p.name not in files and p.name not in POST_RELEASE_FILES:
             problems.append(f"{p.name}: present in the bundle but not listed in the manifest")
     return problems
 

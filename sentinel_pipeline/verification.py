@@ -16,7 +16,7 @@ check                passes when
                      else is in the directory except the post-release records of
                      :data:`POST_RELEASE_FILES` (written after release, never in the manifest)
 ``manifest``         ``bundles.check_manifest`` finds every file with its recorded sha256 and size
-                     (its complaint about unlisted post-release records is ignored). Nothing is
+                     (post-release records are exempt). Nothing is
                      unpickled (joblib, torch) before this check has passed.
 ``contract_hash``    ``feature_contract_hash.txt`` == the hash recomputed from ``feature_contract.json``
                      == ``expected_hash``, and ``feature_schema.txt`` lists the contract's names in order
@@ -96,6 +96,7 @@ from sentinel_pipeline.bundles import (
     HASH_NAME,
     MANIFEST_NAME,
     METADATA_NAME,
+    POST_RELEASE_FILES,
     BundleError,
     check_manifest,
 )
@@ -112,14 +113,7 @@ from sentinel_pipeline.training.models import VARIANTS, VariantSpec, build_model
 
 REQUIRED_FILES: tuple[str, ...] = (*BUNDLE_FILES, MANIFEST_NAME)
 RECORD_NAME = "verification.json"
-# records written into a bundle after its release; never listed in (nor checked by) the manifest
-POST_RELEASE_FILES: tuple[str, ...] = (
-    RECORD_NAME,
-    "replay_report.json",
-    "replay_equity.png",
-    "replay_trades.parquet",
-    "replay_comparison.json",
-)
+assert RECORD_NAME in POST_RELEASE_FILES
 CHECK_NAMES: tuple[str, ...] = (
     "files_present",
     "manifest",
@@ -348,11 +342,8 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 def manifest_problems(bundle_dir: str | Path) -> list[str]:
-    """``bundles.check_manifest`` less its complaints about the (unlisted) post-release records."""
-    exempt = tuple(
-        f"{name}: present in the bundle but not listed in the manifest" for name in POST_RELEASE_FILES
-    )
-    return [p for p in check_manifest(bundle_dir) if not p.startswith(exempt)]
+    """``bundles.check_manifest`` (post-release records are exempt there)."""
+    return check_manifest(bundle_dir)
 
 
 def _nonfinite_paths(obj: Any, path: str = "") -> list[str]:
