@@ -17,6 +17,7 @@ from sentinel_pipeline.training import data_loader
 from sentinel_pipeline.training.data_loader import (
     BATCH_KEYS,
     WindowBatcher,
+    chronological_end_rows,
     load_split_for_training,
     make_dataloader,
     to_device,
@@ -72,8 +73,8 @@ def test_windows_equal_naive_slices_for_every_sample(seq_len, batch_size):
     split = random_split(seed=seq_len)
     batcher = WindowBatcher(split, seq_len=seq_len, batch_size=batch_size)
     got = collect(batcher)
-    ends = split.sample_end_rows
-    np.testing.assert_array_equal(got["end_rows"], ends)
+    ends = got["end_rows"]
+    np.testing.assert_array_equal(np.sort(ends), split.sample_end_rows)  # every sample exactly once
     for k, end in enumerate(ends):
         np.testing.assert_array_equal(got["seq"][k], split.seq[end - seq_len + 1 : end + 1])
         # no window crosses a symbol
@@ -153,9 +154,15 @@ def test_shuffle_is_a_deterministic_permutation_per_seed_and_epoch():
 
 
 def test_no_shuffle_keeps_temporal_order():
+    """Without shuffling, samples come in global time order across symbols (ties by symbol), not
+    symbol after symbol as the rows are stored."""
     split = random_split()
     got = collect(WindowBatcher(split, seq_len=6, batch_size=9, shuffle=False, seed=5))
-    np.testing.assert_array_equal(got["end_rows"], split.sample_end_rows)
+    np.testing.assert_array_equal(np.sort(got["end_rows"]), split.sample_end_rows)
+    assert (np.diff(got["timestamp"]) >= 0).all()
+    same_ts = np.diff(got["timestamp"]) == 0
+    assert (np.diff(got["symbol_idx"])[same_ts] > 0).all()
+    assert len(np.unique(got["symbol_idx"][:20])) > 1  # symbols interleave from the start
     for sym in np.unique(got["symbol_idx"]):
         ts = got["timestamp"][got["symbol_idx"] == sym]
         assert (np.diff(ts) > 0).all()
@@ -166,9 +173,11 @@ def test_limit_samples_len_and_drop_last():
     m = split.n_samples
     lim = WindowBatcher(split, seq_len=6, batch_size=10, limit_samples=25)
     assert lim.n_samples == 25 and len(lim) == 3
-    np.testing.assert_array_equal(collect(lim)["end_rows"], split.sample_end_rows[:25])
+    earliest = chronological_end_rows(split)[:25]
+    assert split.timestamp[earliest].max() <= split.timestamp[np.setdiff1d(split.sample_end_rows, earliest)].min()
+    np.testing.assert_array_equal(collect(lim)["end_rows"], earliest)
     shuffled = WindowBatcher(split, seq_len=6, batch_size=10, limit_samples=25, shuffle=True)
-    np.testing.assert_array_equal(np.sort(collect(shuffled)["end_rows"]), split.sample_end_rows[:25])
+    np.testing.assert_array_equal(np.sort(collect(shuffled)["end_rows"]), np.sort(earliest))
     assert len(WindowBatcher(split, seq_len=6, batch_size=10)) == -(-m // 10)
     dropped = WindowBatcher(split, seq_len=6, batch_size=10, drop_last=True)
     assert len(dropped) == m // 10

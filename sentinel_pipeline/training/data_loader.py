@@ -22,8 +22,11 @@ key            shape           dtype    meaning
 ``symbol_idx`` (B,)            int64    index into ``split.symbols``
 =============  ==============  =======  =================================================
 
-The sample order is the split's (symbol, time) order, or with ``shuffle=True`` a permutation drawn
-from ``numpy.random.default_rng([seed, epoch])``: the same (seed, epoch) always gives the same batches.
+The sample order is chronological across the whole universe (by timestamp, then symbol), or with
+``shuffle=True`` a permutation drawn from ``numpy.random.default_rng([seed, epoch])``: the same (seed,
+epoch) always gives the same batches. (The split's rows are stored by (symbol, time); iterating them
+in that order would feed a model one symbol after another, and SGD would end each epoch fitted to
+the last symbols.)
 :func:`make_dataloader` optionally runs the batcher in worker processes (one batch per item), and
 :func:`to_device` moves a batch to the training device, asynchronously when its memory is pinned.
 """
@@ -107,10 +110,18 @@ def load_split_for_training(
     return hdf5_splits.read_split(h5_path, expected_hash), "hdf5"
 
 
+def chronological_end_rows(split: SplitArrays, limit: int | None = None) -> np.ndarray:
+    """The split's sample end rows ordered by (timestamp, symbol); with ``limit`` only the earliest K."""
+    ends = np.asarray(split.sample_end_rows, dtype=np.int64)
+    order = np.argsort(split.timestamp[ends], kind="stable")  # rows are (symbol, time)-sorted: ties by symbol
+    ends = ends[order]
+    return ends[:limit] if limit is not None else ends
+
+
 class WindowBatcher:
     """Batches of ``seq_len``-bar windows over the sample end rows of ``split`` (see module docstring).
 
-    ``limit_samples`` keeps the first K sample end rows (in the split's order, before shuffling).
+    ``limit_samples`` keeps the first K sample end rows in chronological order (before shuffling).
     ``len(batcher)`` is the number of batches; ``batcher.batch(i)`` builds batch ``i`` of the current
     epoch's order and iteration yields every batch once.
     """
@@ -147,8 +158,7 @@ class WindowBatcher:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
-        ends = np.asarray(split.sample_end_rows, dtype=np.int64)
-        self.end_rows = ends[:limit_samples] if limit_samples is not None else ends
+        self.end_rows = chronological_end_rows(split, limit_samples)
         self._check_windows(name)
         cols = [list(split.target_names).index(t) for t in TARGET_NAMES]
         self._target_cols = None if cols == list(range(split.targets.shape[1])) else np.asarray(cols)

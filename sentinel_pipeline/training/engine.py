@@ -94,6 +94,7 @@ from sentinel_pipeline.training.config import ConfigError, TrainConfig
 from sentinel_pipeline.training.data_loader import (
     Batch,
     WindowBatcher,
+    chronological_end_rows,
     load_split_for_training,
     make_dataloader,
     to_device,
@@ -273,10 +274,10 @@ def _load_inputs(config: TrainConfig) -> _Inputs:
 
 
 def _limited(split: SplitArrays, limit: int | None) -> SplitArrays:
-    """The split with only its first ``limit`` sample end rows (arrays shared, not copied)."""
+    """The split with only its earliest ``limit`` sample end rows (arrays shared, not copied)."""
     if limit is None:
         return split
-    return dataclasses.replace(split, sample_end_rows=split.sample_end_rows[:limit])
+    return dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, limit)))
 
 
 def _fingerprint(config: TrainConfig, settings: ResolvedSettings, arch: dict[str, Any], inputs: _Inputs) -> str:
