@@ -1,0 +1,35 @@
+"""The Dagster code location: ``dagster dev -w workspace.yaml`` or ``-m sentinel_pipeline.definitions``.
+
+Graph: raw_bars -> feature_contract/features -> labelled_dataset -> dataset_splits -> seq/snap scalers
+-> hdf5_splits -> arrow_cache -> bundle_<variant> (blocking check ``bundle_verified``) ->
+replay_<variant> (check ``train_serve_parity``), for every variant of the model registry.
+"""
+
+import dagster as dg
+
+from sentinel_pipeline.orchestration.bundle_checks import BUNDLE_CHECKS, VerificationSettings
+from sentinel_pipeline.orchestration.data_assets import DATA_ASSETS, DataHalfSettings
+from sentinel_pipeline.orchestration.data_checks import DATA_CHECKS
+from sentinel_pipeline.orchestration.jobs import checks_only, ci_gate, full_pipeline, nightly_rebuild
+from sentinel_pipeline.orchestration.replay_assets import REPLAY_ASSETS, REPLAY_CHECKS
+from sentinel_pipeline.orchestration.settings import PipelineSettings
+from sentinel_pipeline.orchestration.training_assets import TRAINING_ASSETS
+
+RESOURCES = {
+    "settings": PipelineSettings(),
+    "data_settings": DataHalfSettings(),
+    "verification": VerificationSettings(),
+    # training runs out of process through Dagster Pipes; swap this client to move it (README: Scale-out)
+    "pipes_client": dg.PipesSubprocessClient(),
+}
+
+ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS]
+CHECKS = [*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS]
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=CHECKS,
+    jobs=[full_pipeline, ci_gate, checks_only],
+    schedules=[nightly_rebuild],
+    resources=RESOURCES,
+)

@@ -1,0 +1,88 @@
+"""The blocking verification check on every bundle asset, and how other assets find "the" bundle."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from sentinel_pipeline.bundles import list_bundles
+from sentinel_pipeline.data.feature_contract import read_contract
+from sentinel_pipeline.orchestration.metadata import md_table
+from sentinel_pipeline.orchestration.settings import PipelineSettings
+from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
+from sentinel_pipeline.paths import ArtifactPaths
+from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.verification import load_gates, verify_bundle, write_verification_record
+
+CHECK_NAME = "bundle_verified"
+
+
+class VerificationSettings(dg.ConfigurableResource):
+    """Where the per-variant quality gates come from (JSON/YAML ``{variant: {gate: value}}``); the
+    defaults of ``sentinel_pipeline.verification.DEFAULT_GATES`` apply when unset."""
+
+    gates_file: str | None = os.environ.get("SENTINEL_QUALITY_GATES") or None
+
+
+def bundle_check_key(variant: str) -> dg.AssetCheckKey:
+    return dg.AssetCheckKey(bundle_asset_key(variant), CHECK_NAME)
+
+
+def latest_bundle_materialization(instance: dg.DagsterInstance, variant: str) -> tuple[Path | None, int | None]:
+    """(bundle path, storage id) of the bundle asset's latest materialisation, if any."""
+    records = instance.fetch_materializations(bundle_asset_key(variant), limit=1).records
+    if not records or records[0].asset_materialization is None:
+        return None, None
+    value = records[0].asset_materialization.metadata.get("bundle_path")
+    path = Path(str(value.value)) if value is not None else None
+    return path, records[0].storage_id
+
+
+def current_bundle(instance: dg.DagsterInstance, paths: ArtifactPaths, variant: str) -> Path:
+    """The bundle the asset graph currently points at: the latest materialisation's bundle, else the
+    newest bundle of the variant on disk (e.g. written by the CLI)."""
+    path, _ = latest_bundle_materialization(instance, variant)
+    if path is not None and path.is_dir():
+        return path
+    on_disk = list_bundles(paths.models_dir, variant)
+    if not on_disk:
+        raise dg.Failure(description=f"no bundle of variant {variant} under {paths.models_dir}")
+    return on_disk[0]
+
+
+def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=bundle_asset_key(variant),
+        name=CHECK_NAME,
+        blocking=True,
+        description="Files, sha256 manifest, contract hash, metadata vs contract, model loads and runs on "
+        "validation rows, scalers load, metrics sane, quality gates. Blocks replay when it fails.",
+    )
+    def _check(
+        context: dg.AssetCheckExecutionContext, settings: PipelineSettings, verification: VerificationSettings
+    ) -> dg.AssetCheckResult:
+        paths = settings.paths()
+        bundle = current_bundle(context.instance, paths, variant)
+        expected = read_contract(paths.feature_contract).hash
+        gates = load_gates(verification.gates_file) if verification.gates_file else None
+        report = verify_bundle(bundle, expected, val_h5=paths.h5("val"), gates=gates)
+        write_verification_record(bundle, report)
+        context.log.info(report.render())
+        rows = [{"check": c.name, "passed": c.passed, "detail": c.detail} for c in report.checks]
+        metadata: dict[str, Any] = {
+            "bundle": dg.MetadataValue.path(str(bundle)),
+            "expected_hash": expected,
+            "checks": md_table(rows),
+            "failed_checks": ", ".join(report.failed_checks) or "none",
+        }
+        return dg.AssetCheckResult(
+            passed=report.passed,
+            metadata=metadata,
+            description=None if report.passed else f"{bundle.name}: failed {', '.join(report.failed_checks)}",
+        )
+
+    return _check
+
+
+BUNDLE_CHECKS = [build_bundle_check(v) for v in VARIANTS]

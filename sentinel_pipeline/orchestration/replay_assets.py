@@ -1,0 +1,183 @@
+"""Replay assets (one per variant) and their train/serve parity check.
+
+Replay never runs on a bundle whose latest verification did not pass:
+- in the same run: the bundle's ``bundle_verified`` check is blocking, so a failure skips replay;
+- in a later run (UI or CLI): the replay asset reads the latest evaluation of that check from the
+  Dagster instance and the bundle's own ``verification.json`` (``verification.require_verified``,
+  which also re-checks the manifest), and refuses, naming the failed check;
+- by automation: the asset's automation condition requires every blocking check of its
+  dependencies to have passed.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from sentinel_pipeline.atomic_io import atomic_path
+from sentinel_pipeline.bundles import BundleError, list_bundles, load_bundle
+from sentinel_pipeline.data.feature_contract import read_contract
+from sentinel_pipeline.orchestration.bundle_checks import (
+    CHECK_NAME,
+    bundle_check_key,
+    current_bundle,
+    latest_bundle_materialization,
+)
+from sentinel_pipeline.orchestration.data_assets import raw_bars
+from sentinel_pipeline.orchestration.metadata import image, md_table
+from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
+from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
+from sentinel_pipeline.replay import ReplayConfig, feature_parity, replay_comparison, write_replay_outputs
+from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.verification import BundleNotVerifiedError, require_verified
+
+REPLAY_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
+
+class ReplayRunConfig(dg.Config):
+    """How the held-out window is replayed (see ``sentinel_pipeline.replay.ReplayConfig``)."""
+
+    window_days: float = 7.0
+    window_bars: int | None = None
+    threshold: float = 0.1
+    allow_short: bool = True
+    baseline_seed: int = 0
+
+    def to_replay_config(self) -> ReplayConfig:
+        return ReplayConfig(window_days=self.window_days, window_bars=self.window_bars, threshold=self.threshold,
+                            allow_short=self.allow_short, baseline_seed=self.baseline_seed)
+
+
+def replay_asset_key(variant: str) -> dg.AssetKey:
+    return dg.AssetKey(f"replay_{variant}")
+
+
+def replay_dir(paths: Any, variant: str) -> Path:
+    return paths.artifacts / "replay" / variant
+
+
+def dagster_verification_refusal(instance: dg.DagsterInstance, variant: str) -> str | None:
+    """Why the Dagster record forbids replaying the current bundle of ``variant`` (None: it allows it)."""
+    key = bundle_check_key(variant)
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
+    if record is None or record.event is None or record.event.dagster_event is None:
+        return f"check '{CHECK_NAME}' of {bundle_asset_key(variant).to_user_string()} has never been evaluated"
+    evaluation = record.event.dagster_event.event_specific_data
+    if not getattr(evaluation, "passed", False):
+        return (f"latest evaluation of check '{CHECK_NAME}' on {bundle_asset_key(variant).to_user_string()} "
+                f"failed: {evaluation.description or record.status.value}")
+    _, storage_id = latest_bundle_materialization(instance, variant)
+    target = getattr(evaluation, "target_materialization_data", None)
+    if storage_id is not None and target is not None and target.storage_id != storage_id:
+        return (f"check '{CHECK_NAME}' last passed on an older materialisation of "
+                f"{bundle_asset_key(variant).to_user_string()}; the current bundle has not been verified")
+    return None
+
+
+def previous_verified_bundle(models_dir: Path, variant: str, current: Path) -> Path | None:
+    """The newest other bundle of the variant whose verification passed and still holds."""
+    for path in list_bundles(models_dir, variant):
+        if path.resolve() == current.resolve():
+            continue
+        try:
+            require_verified(path)
+            return path
+        except BundleError:
+            continue
+    return None
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def build_replay_asset(variant: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=replay_asset_key(variant),
+        deps=[bundle_asset_key(variant), raw_bars],
+        group_name="replay",
+        kinds={"pytorch"},
+        pool=WRITE_POOL,
+        automation_condition=REPLAY_AUTOMATION,
+        description=f"Production-style replay of the verified `{variant}` bundle on the last held-out window, "
+        "compared with the previous verified bundle and a random-entry baseline.",
+    )
+    def _replay(context: dg.AssetExecutionContext, config: ReplayRunConfig, settings: PipelineSettings):
+        paths = settings.paths()
+        bundle = current_bundle(context.instance, paths, variant)
+        refusal = dagster_verification_refusal(context.instance, variant)
+        if refusal is not None:
+            raise dg.Failure(description=f"replay of {bundle.name} refused: {refusal}")
+        expected = read_contract(paths.feature_contract).hash
+        try:
+            require_verified(bundle, expected)
+        except BundleNotVerifiedError as exc:
+            raise dg.Failure(description=f"replay of {bundle.name} refused: {exc}") from exc
+        current = load_bundle(bundle, expected)
+        prev_path = previous_verified_bundle(paths.models_dir, variant, bundle)
+        previous = None
+        if prev_path is not None:
+            try:
+                previous = load_bundle(prev_path)
+            except BundleError as exc:
+                context.log.warning(f"previous bundle {prev_path.name} cannot be loaded: {exc}")
+        bars = pd.read_parquet(paths.bars)
+        comparison = replay_comparison(current, previous, bars, config.to_replay_config())
+        out = replay_dir(paths, variant)
+        files = write_replay_outputs(comparison, out)
+        with atomic_path(out / "replay_features.parquet") as tmp:
+            comparison.current.raw_features.to_parquet(tmp, index=False)
+        _copy_atomic(files["report"], bundle / "replay_report.json")
+        _copy_atomic(files["equity_curves"], bundle / "replay_equity.png")
+
+        m = comparison.current.metrics
+        table = comparison.table.reset_index()
+        metadata: dict[str, Any] = {
+            "bundle": bundle.name,
+            "previous_bundle": prev_path.name if prev_path else "none",
+            "n_candidates": m.get("n_candidates"),
+            "n_trades_created": m.get("n_trades_created"),
+            "hit_rate": m.get("hit_rate"),
+            "goes_against_us_rate": m.get("goes_against_us_rate"),
+            "sharpe": m.get("sharpe"),
+            "rank_ic": m.get("rank_ic"),
+            "comparison": md_table(table.to_dict(orient="records")),
+            "equity_curves": image(files["equity_curves"], f"{variant}: replay equity curves"),
+            "replay_report": dg.MetadataValue.path(str(bundle / "replay_report.json")),
+            "window": f"{comparison.current.info.get('window_start')} .. {comparison.current.info.get('window_end')}",
+        }
+        return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None},
+                                    data_version=dg.DataVersion(bundle.name))
+
+    return _replay
+
+
+def build_parity_check(variant: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=replay_asset_key(variant),
+        name="train_serve_parity",
+        description="The replay's features for the window's bars equal the training dataset's (max abs diff <= 1e-6).",
+    )
+    def _parity(settings: PipelineSettings) -> dg.AssetCheckResult:
+        paths = settings.paths()
+        replayed = pd.read_parquet(replay_dir(paths, variant) / "replay_features.parquet")
+        contract = read_contract(paths.feature_contract)
+        cols = ["symbol", "timestamp", *contract.all_names]
+        dataset = pd.read_parquet(paths.features, columns=cols)
+        result = feature_parity(replayed, dataset, columns=contract.all_names)
+        worst = result.get("worst") or {}
+        return dg.AssetCheckResult(
+            passed=bool(result["ok"]),
+            metadata={"max_abs_diff": float(result["max_abs_diff"]), "cells_compared": result["n_compared"],
+                      "mismatched_cells": result["n_mismatched"], "worst": str(worst)},
+            description=None if result["ok"] else f"replay features differ from the dataset: {worst}",
+        )
+
+    return _parity
+
+
+REPLAY_ASSETS = [build_replay_asset(v) for v in VARIANTS]
+REPLAY_CHECKS = [build_parity_check(v) for v in VARIANTS]
