@@ -1,0 +1,66 @@
+"""``python -m sentinel_pipeline.summary``: where a pipeline instance's results are, and their state.
+
+Reads only files (no Dagster): the data-half artefacts, every bundle with its latest verification
+verdict, and the replay report next to each bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from sentinel_pipeline.bundles import list_bundles
+from sentinel_pipeline.paths import SPLITS, ArtifactPaths
+from sentinel_pipeline.stage_cache import read_record
+
+
+def _verdict(bundle: Path) -> str:
+    path = bundle / "verification.json"
+    if not path.exists():
+        return "not verified"
+    record = json.loads(path.read_text())
+    latest = record.get("latest", record)
+    passed = latest.get("passed")
+    if passed:
+        return "verified: PASS"
+    failed = [c["name"] for c in latest.get("checks", []) if not c.get("passed")]
+    return f"verified: FAIL ({', '.join(failed)})"
+
+
+def summarise(paths: ArtifactPaths) -> list[str]:
+    lines = [f"data half ({paths.artifacts}):"]
+    for name, stage_dir in (("raw bars", paths.raw_bars_dir), ("features", paths.features_dir),
+                            ("labels", paths.labelled_dataset.parent), ("splits", paths.split_assignment.parent),
+                            ("scalers", paths.scalers_dir), ("hdf5", paths.hdf5_dir), ("arrow cache", paths.arrow_dir)):
+        record = read_record(stage_dir)
+        state = f"built {record['finished_at']}" if record else "missing"
+        lines.append(f"  {name:<12} {stage_dir}  [{state}]")
+    if paths.quality_report.exists():
+        q = json.loads(paths.quality_report.read_text())
+        lines.append(f"  quarantine   {q.get('n_quarantined')} of {q.get('n_rows_in')} rows -> {paths.quarantine}")
+    lines.append(f"  splits       {', '.join(str(paths.h5(s)) for s in SPLITS)}")
+    bundles = list_bundles(paths.models_dir) if paths.models_dir.exists() else []
+    lines.append(f"bundles ({paths.models_dir}): {len(bundles)}")
+    for b in bundles:
+        replay = b / "replay_report.json"
+        extra = ""
+        if replay.exists():
+            m = json.loads(replay.read_text())["current"]["metrics"]
+            extra = f"; replay: {m.get('n_trades_created')} trades, hit rate {m.get('hit_rate')}, sharpe {m.get('sharpe')}"
+        lines.append(f"  {b.name}  [{_verdict(b)}{extra}]")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=os.environ.get("SENTINEL_DATA_DIR", "data"))
+    ap.add_argument("--models-dir", default=os.environ.get("SENTINEL_MODELS_DIR", "models"))
+    args = ap.parse_args(argv)
+    print("\n".join(summarise(ArtifactPaths(data_dir=Path(args.data_dir), models_dir=Path(args.models_dir)))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
