@@ -323,3 +323,22 @@ def test_load_split_ignores_a_stale_cache_and_refuses_a_wrong_hash(h5_files, tmp
         load_split_for_training(h5, "f" * 16)
     with pytest.raises(FileNotFoundError, match="missing.h5"):
         load_split_for_training(tmp_path / "missing.h5", contract_hash)
+
+
+def test_hdf5_read_refused_when_it_does_not_fit_the_memory_limit(tmp_path, monkeypatch):
+    """The loader reads an HDF5 split whole only when it fits the memory this process may use
+    (cgroup-aware); otherwise it fails with a clear error instead of being OOM-killed."""
+    from sentinel_pipeline.data import hdf5_splits, scalers
+    from sentinel_pipeline.training import data_loader, runtime
+
+    dataset, assignment, contract = make_labelled_dataset(n_symbols=2, n_bars=120, seq_len=6, seed=3)
+    fitted = scalers.fit_scalers(dataset, assignment, contract)
+    files = hdf5_splits.write_splits(dataset, assignment, contract, fitted, LABEL_PARAMS, tmp_path / "hdf5")
+    need = data_loader.h5_split_nbytes(files["train"])
+    assert need > 0
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda *a, **k: need)  # 80% budget < need
+    with pytest.raises(data_loader.SplitTooLargeError, match="train.h5.*MiB"):
+        load_split_for_training(files["train"], contract.hash, prefer_arrow=False)
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda *a, **k: 10 * need)
+    split, source = load_split_for_training(files["train"], contract.hash, prefer_arrow=False)
+    assert source == "hdf5" and split.n_rows > 0

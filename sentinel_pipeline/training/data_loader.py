@@ -47,6 +47,7 @@ from sentinel_pipeline.data import arrow_cache, hdf5_splits
 from sentinel_pipeline.data.feature_contract import ContractError
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
 from sentinel_pipeline.paths import arrow_cache_for
+from sentinel_pipeline.training import runtime
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,35 @@ def _h5_content_checksum(h5_path: Path) -> str | None:
     return value.decode("utf-8") if isinstance(value, bytes) else (None if value is None else str(value))
 
 
+# share of the memory still available (cgroup-aware) that a split read whole into RAM may take
+MEMORY_BUDGET_FRACTION = 0.8
+
+
+class SplitTooLargeError(MemoryError):
+    """An HDF5 split would not fit in the memory this process may still use."""
+
+
+def h5_split_nbytes(h5_path: Path) -> int:
+    """Bytes the datasets of an HDF5 split take once read into NumPy (shapes only, no data read)."""
+    with h5py.File(h5_path, "r") as f:
+        return int(sum(ds.size * ds.dtype.itemsize for ds in f.values() if isinstance(ds, h5py.Dataset)))
+
+
+def check_fits_in_memory(h5_path: Path, available: int | None = None) -> int:
+    """Refuse to read ``h5_path`` whole when it needs more than ``MEMORY_BUDGET_FRACTION`` of the
+    memory still available to this process (``runtime.available_memory_bytes``: the container's
+    cgroup limit, not the host's ``free``). Returns the split's size in bytes."""
+    need = h5_split_nbytes(h5_path)
+    available = runtime.available_memory_bytes() if available is None else available
+    if need > MEMORY_BUDGET_FRACTION * available:
+        raise SplitTooLargeError(
+            f"{h5_path}: reading this split needs {need / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB "
+            f"are available to this process (container memory limit included); build the Arrow cache "
+            f"(memory-mapped, read lazily) or give the run more memory"
+        )
+    return need
+
+
 def load_split_for_training(
     h5_path: str | Path, expected_hash: str, prefer_arrow: bool = True
 ) -> tuple[SplitArrays, str]:
@@ -84,7 +114,8 @@ def load_split_for_training(
     The Arrow cache ``paths.arrow_cache_for(h5_path)`` is used when ``prefer_arrow`` and it exists,
     its contract hash equals ``expected_hash`` and its recorded source checksum equals the HDF5
     file's ``content_checksum`` attribute (only the attribute is read: the check costs no data I/O).
-    Otherwise the HDF5 file is read whole (``ContractError`` naming the file on a hash mismatch).
+    Otherwise the HDF5 file is read whole (``ContractError`` naming the file on a hash mismatch),
+    after checking that it fits in the memory this process may use (``SplitTooLargeError`` if not).
     Returns the split and ``"arrow"`` or ``"hdf5"``.
     """
     h5_path = Path(h5_path)
@@ -107,6 +138,7 @@ def load_split_for_training(
                     h5_path,
                     h5_checksum,
                 )
+    check_fits_in_memory(h5_path)
     return hdf5_splits.read_split(h5_path, expected_hash), "hdf5"
 
 
