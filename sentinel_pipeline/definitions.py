@@ -24,6 +24,14 @@ RESOURCES = {
 }
 
 ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS]
+
+# evaluates the replay assets' automation condition (eager, and only when every blocking check of their
+# dependencies passed): a newly verified bundle is replayed without anyone clicking; on by default
+replay_automation = dg.AutomationConditionSensorDefinition(
+    "replay_automation",
+    target=dg.AssetSelection.assets(*REPLAY_ASSETS),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 CHECKS = [*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS]
 
 defs = dg.Definitions(
@@ -31,5 +39,6 @@ defs = dg.Definitions(
     asset_checks=CHECKS,
     jobs=[full_pipeline, ci_gate, checks_only],
     schedules=[nightly_rebuild],
+    sensors=[replay_automation],
     resources=RESOURCES,
 )
