@@ -277,7 +277,7 @@ def hdf5_splits(context: dg.AssetExecutionContext, settings: PipelineSettings, d
         return {
             "feature_contract_hash": s["feature_contract_hash"],
             "splits": md_table(rows),
-            "dagster/row_count": sum(int(v.get("rows", 0)) for v in s["splits"].values()),
+            "dagster/row_count": sum(int(v["n_rows"]) for v in s["splits"].values()),
             "size_mb": file_size_mb(*(paths.h5(x) for x in SPLITS)),
             "seconds": s.get("seconds", 0.0),
         }

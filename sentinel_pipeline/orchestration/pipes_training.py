@@ -9,6 +9,7 @@ client runs exactly this entry point in a pod instead (see README, "Scale-out").
 
 import json
 import math
+import os
 from typing import Any
 
 from dagster_pipes import open_dagster_pipes
@@ -50,7 +51,8 @@ def main() -> None:
             pipes.log.info("epoch " + ", ".join(f"{k}={record[k]}" for k in keys if k in record))
 
         result = train(cfg, progress=False, on_epoch_end=on_epoch_end)
-        pipes.report_asset_materialization(metadata=summarise(result))
+        # the pid shows in the UI that training ran in its own process, not in the run worker
+        pipes.report_asset_materialization(metadata={**summarise(result), "training_pid": os.getpid()})
 
 
 if __name__ == "__main__":
