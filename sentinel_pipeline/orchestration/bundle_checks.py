@@ -43,7 +43,8 @@ def current_bundle(instance: dg.DagsterInstance, paths: ArtifactPaths, variant: 
     """The bundle the asset graph currently points at: the latest materialisation's bundle, else the
     newest bundle of the variant on disk (e.g. written by the CLI)."""
     path, _ = latest_bundle_materialization(instance, variant)
-    if path is not None and path.is_dir():
+    # a record from an instance that served another models directory must not redirect us there
+    if path is not None and path.is_dir() and path.resolve().parent == paths.models_dir.resolve():
         return path
     on_disk = list_bundles(paths.models_dir, variant)
     if not on_disk:

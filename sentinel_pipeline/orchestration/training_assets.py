@@ -77,8 +77,10 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
         pipes_client: dg.PipesSubprocessClient,
     ) -> dg.MaterializeResult:
         paths = settings.paths()
+        # operational knobs (logging, threads, workers, device) do not change the trained model
+        result_config = config.model_dump(exclude={"log_every", "threads", "num_workers", "device"})
         fp = fingerprint(stage="train", variant=variant, data=upstream_fingerprint(paths.arrow_dir, "arrow_cache"),
-                         config=config.model_dump())
+                         config=result_config)
         out_dir = paths.artifacts / "training" / variant / fp[:16]
         tc = train_config_for(paths, variant, config, out_dir)
         invocation = pipes_client.run(
