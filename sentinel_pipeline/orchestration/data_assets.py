@@ -23,7 +23,13 @@ from sentinel_pipeline.locking import exclusive_lock
 from sentinel_pipeline.orchestration.metadata import file_size_mb, md_kv_table, md_table
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
-from sentinel_pipeline.stage_cache import fingerprint, files_fingerprint, fresh_record, read_record, write_record
+from sentinel_pipeline.stage_cache import (
+    files_fingerprint,
+    fingerprint,
+    fresh_record,
+    read_record,
+    write_record,
+)
 
 
 class DataHalfSettings(dg.ConfigurableResource):
