@@ -4,6 +4,15 @@ Each ``run_*`` function reads its upstream artefacts from ``ArtifactPaths``, cal
 writes its artefacts atomically and returns a JSON-able summary (the Dagster assets turn it into UI
 metadata; the benchmark and the tests call the same functions). ``run_data_half`` runs them all in
 order. No Dagster import here.
+
+I/O between stages is most of the data half's time and memory at 10M bars (the compiled stage code
+is a small share), so: parquet is written by ``raw_bars.write_parquet`` (no dictionary encoding for
+float columns) and read memory-mapped, only the columns a stage uses, with one pandas block per
+column (no consolidation copy); Arrow's memory pool hands freed memory back to the OS after each read
+and each stage. The wide tables are streamed one parquet row group at a time: the labels stage
+appends its columns to the features row group by row group, the scalers gather only their fit rows,
+and the HDF5 stage writes the three split files in row chunks (``*_from_parquet`` functions), so the
+57-column labelled table is never whole in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
 from sentinel_pipeline.data import arrow_cache, hdf5_splits, labels, raw_bars, scalers, splits
@@ -40,15 +51,24 @@ class DataHalfConfig:
         return asdict(self)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
-    return path
+def _release_arrow_memory() -> None:
+    """Hand the memory that Arrow's pool keeps after frees back to the OS (mimalloc/jemalloc hold it)."""
+    pa.default_memory_pool().release_unused()
+
+
+def _read_frame(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """``pd.read_parquet`` (same frame), read with one copy of the data (``raw_bars.read_parquet``)."""
+    df = raw_bars.read_parquet(path, columns)
+    _release_arrow_memory()
+    return df
 
 
 def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out = fn()
+    try:
+        out = fn()
+    finally:
+        _release_arrow_memory()
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 
@@ -95,9 +115,10 @@ def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
                 f"{paths.feature_contract}: contract hash {contract.hash} does not match the feature config "
                 f"({expected.hash}); rebuild the feature contract first"
             )
-        bars = pd.read_parquet(paths.bars)
+        bars = _read_frame(paths.bars)
         frame = feats.compute_features(bars, cfg.features)
-        _write_parquet(frame, paths.features)
+        del bars  # the frame shares its bar columns
+        raw_bars.write_parquet(frame, paths.features)
         valid = frame["feature_valid"].to_numpy()
         return {
             "rows": int(len(frame)),
@@ -114,21 +135,45 @@ def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
 # -- stage 3 -------------------------------------------------------------------------------------
 def run_labels(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
-        frame = pd.read_parquet(paths.features)
-        labelled, stats = labels.label_dataset(frame, cfg.labels)
-        _write_parquet(labelled, paths.labelled_dataset)
-        return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(len(labelled))}
+        # label_dataset sees only the columns it reads; its label columns are then appended to the
+        # features one row group at a time: the file is the one label_dataset(whole frame) would give
+        # written by write_parquet, but the feature columns are never all in memory
+        labelled, stats = labels.label_dataset(_read_frame(paths.features, list(labels.REQUIRED_COLUMNS)), cfg.labels)
+        new = labelled[labels.label_columns(cfg.labels)]
+        del labelled
+        features = pq.ParquetFile(paths.features, memory_map=True)
+        empty = pd.concat([features.schema_arrow.empty_table().to_pandas(), new.iloc[:0]], axis=1)
+        added = pa.Table.from_pandas(new, preserve_index=False)  # as DataFrame.to_parquet converts them
+        del new
+        schema = pa.schema([*features.schema_arrow, *added.schema],
+                           metadata=pa.Schema.from_pandas(empty, preserve_index=False).metadata)
+        _append_columns(features, added, schema, paths.labelled_dataset)
+        return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(added.num_rows)}
 
     return _timed(go)
+
+
+def _append_columns(source: pq.ParquetFile, added: pa.Table, schema: pa.Schema, path: Path) -> None:
+    """Write ``source``'s columns followed by ``added``'s (same rows) to ``path``, one row group at a time.
+
+    The row groups keep the source's boundaries, which are ``pq.write_table``'s (``write_parquet``),
+    so the result is what ``write_parquet`` of the whole concatenated table writes.
+    """
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, **raw_bars.parquet_write_options(schema)) as out:
+        offset = 0
+        for part in raw_bars.iter_row_groups(source):
+            rows = part.num_rows
+            out.write_table(pa.Table.from_arrays([*part.columns, *added.slice(offset, rows).columns], schema=schema))
+            offset += rows
 
 
 # -- stage 4 -------------------------------------------------------------------------------------
 def run_splits(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         cols = ["symbol", "timestamp", "label_eligible", "feature_valid"]
-        df = pd.read_parquet(paths.labelled_dataset, columns=cols)
+        df = _read_frame(paths.labelled_dataset, cols)
         assignment, summary = splits.assign_splits(df, cfg.splits, labels.label_window_bars(cfg.labels))
-        _write_parquet(assignment, paths.split_assignment)
+        raw_bars.write_parquet(assignment, paths.split_assignment)
         write_json_atomic(paths.split_summary, summary)
         return {"summary": summary}
 
@@ -139,9 +184,8 @@ def run_splits(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
 def run_scalers(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         contract = load_contract(paths)
-        dataset = pd.read_parquet(paths.labelled_dataset)
-        assignment = pd.read_parquet(paths.split_assignment)
-        fitted = scalers.fit_scalers(dataset, assignment, contract)
+        assignment = _read_frame(paths.split_assignment, ["split"])
+        fitted = scalers.fit_scalers_from_parquet(paths.labelled_dataset, assignment, contract)
         scalers.save_scalers(paths.scalers_dir, fitted)
         return {"info": fitted.info, "feature_contract_hash": contract.hash}
 
@@ -152,11 +196,10 @@ def run_scalers(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
 def run_hdf5(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         contract = load_contract(paths)
-        dataset = pd.read_parquet(paths.labelled_dataset)
-        assignment = pd.read_parquet(paths.split_assignment)
+        assignment = _read_frame(paths.split_assignment, ["split", "sample_ok"])
         fitted = scalers.load_scalers(paths.scalers_dir, contract.hash)
-        written = hdf5_splits.write_splits(
-            dataset, assignment, contract, fitted, labels.label_params(cfg.labels), paths.hdf5_dir
+        written = hdf5_splits.write_splits_from_parquet(
+            paths.labelled_dataset, assignment, contract, fitted, labels.label_params(cfg.labels), paths.hdf5_dir
         )
         return {
             "feature_contract_hash": contract.hash,
@@ -171,8 +214,7 @@ def run_arrow_cache(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]
     def go() -> dict[str, Any]:
         out: dict[str, Any] = {}
         for s in SPLITS:
-            arrow_path = arrow_cache.build_cache(paths.h5(s), paths.arrow(s))
-            ok, details = arrow_cache.cache_matches_source(paths.h5(s), arrow_path)
+            arrow_path, ok, details = arrow_cache.build_and_check_cache(paths.h5(s), paths.arrow(s))
             out[s] = {"path": str(arrow_path), "matches_hdf5": ok, **details}
         return {"splits": out}
 

@@ -24,6 +24,8 @@ rebuild never changes the bytes under a process that still has the old cache map
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from sentinel_pipeline.data.hdf5_splits import (
     READER_ATTRS,
     SplitFileError,
     check_hash,
+    map_split,
     read_split,
     read_split_attrs,
     split_arrays_from_parts,
@@ -75,42 +78,77 @@ def _decode_meta(path: Path, raw: dict[bytes, bytes] | None) -> dict[str, Any]:
     return meta
 
 
-def _write_ipc(path: Path, table: pa.Table) -> None:
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with pa.ipc.new_file(sink, table.schema) as writer:  # default options: no compression
-                writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+def _write_ipc(tmp: Path, table: pa.Table) -> None:
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:  # default options: no compression
+            writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+
+
+def _build(h5_path: Path, arrow_path: Path) -> tuple[SplitArrays, str]:
+    """Write the cache of ``h5_path``; returns the split read from it and its recomputed checksum.
+
+    The HDF5 data is memory-mapped (``hdf5_splits.map_split``), its checksum computed in a second thread
+    while the cache is written (both release the GIL); the files are only renamed into place once it
+    matches the stored one.
+    """
+    split = map_split(h5_path)  # views of the file's pages: nothing is copied into this process
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        checksum = pool.submit(content_checksum, split.arrays())
+        source_checksum = split.attrs["content_checksum"]
+        attrs = split_attrs(split, checksum=source_checksum)  # the HDF5 attrs (JSON ones as strings)
+        meta: dict[str, Any] = {k: (json.loads(v) if k in JSON_ATTRS else v) for k, v in attrs.items()}
+        meta.update(
+            {
+                "shapes": {name: list(getattr(split, name).shape) for name in ARRAY_DTYPES},
+                "source_content_checksum": source_checksum,
+                "source_path": str(h5_path),
+            }
+        )
+        columns: dict[str, pa.Array] = {}
+        for name in MATRICES:
+            a = getattr(split, name)
+            if a.shape[1] > 0:
+                columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+        for name in VECTORS:
+            columns[name] = pa.array(getattr(split, name))
+        main = pa.table(columns).replace_schema_metadata(_encode_meta(meta))
+        side_meta = {k: meta[k] for k in ("format", "feature_contract_hash", "split", "source_content_checksum", "n_samples")}
+        side_meta["shapes"] = {SAMPLES_COLUMN: meta["shapes"][SAMPLES_COLUMN]}
+        samples = pa.table({SAMPLES_COLUMN: pa.array(split.sample_end_rows)})
+        with atomic_path(arrow_path) as main_tmp, atomic_path(samples_path_for(arrow_path)) as side_tmp:
+            _write_ipc(main_tmp, main)
+            _write_ipc(side_tmp, samples.replace_schema_metadata(_encode_meta(side_meta)))
+            found = checksum.result()
+            if found != source_checksum:  # nothing is renamed into place
+                raise SplitFileError(f"{h5_path}: content checksum {found} != stored {source_checksum}")
+    return split, found
 
 
 def build_cache(h5_path: str | Path, arrow_path: str | Path | None = None) -> Path:
     """Write the Arrow cache of an HDF5 split (verified against its checksum first); returns the path."""
     h5_path = Path(h5_path)
     arrow_path = Path(arrow_path) if arrow_path is not None else arrow_cache_for(h5_path)
-    split = read_split(h5_path, verify_checksum=True)
-    source_checksum = split.attrs["content_checksum"]
-    attrs = split_attrs(split, checksum=source_checksum)  # the HDF5 attrs (JSON ones as strings)
-    meta: dict[str, Any] = {k: (json.loads(v) if k in JSON_ATTRS else v) for k, v in attrs.items()}
-    meta.update(
-        {
-            "shapes": {name: list(getattr(split, name).shape) for name in ARRAY_DTYPES},
-            "source_content_checksum": source_checksum,
-            "source_path": str(h5_path),
-        }
-    )
-    columns: dict[str, pa.Array] = {}
-    for name in MATRICES:
-        a = getattr(split, name)
-        if a.shape[1] > 0:
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
-    for name in VECTORS:
-        columns[name] = pa.array(getattr(split, name))
-    main = pa.table(columns)
-    _write_ipc(arrow_path, main.replace_schema_metadata(_encode_meta(meta)))
-    side_meta = {k: meta[k] for k in ("format", "feature_contract_hash", "split", "source_content_checksum", "n_samples")}
-    side_meta["shapes"] = {SAMPLES_COLUMN: meta["shapes"][SAMPLES_COLUMN]}
-    samples = pa.table({SAMPLES_COLUMN: pa.array(split.sample_end_rows)})
-    _write_ipc(samples_path_for(arrow_path), samples.replace_schema_metadata(_encode_meta(side_meta)))
+    _build(h5_path, arrow_path)
     return arrow_path
+
+
+def build_and_check_cache(
+    h5_path: str | Path, arrow_path: str | Path | None = None
+) -> tuple[Path, bool, dict[str, Any]]:
+    """:func:`build_cache` followed by :func:`cache_matches_source` (with ``recompute``), as
+    ``(path, ok, details)``, reading the HDF5 file and checksumming its data once instead of twice."""
+    h5_path = Path(h5_path)
+    arrow_path = Path(arrow_path) if arrow_path is not None else arrow_cache_for(h5_path)
+    split, h5_checksum = _build(h5_path, arrow_path)
+    h5_attrs = {
+        "n_rows": split.n_rows,
+        "n_samples": split.n_samples,
+        "feature_contract_hash": split.feature_contract_hash,
+        "content_checksum": split.attrs["content_checksum"],
+    }
+    del split
+    ok, details = _compare_with_cache(h5_path, arrow_path, h5_attrs, lambda: h5_checksum, recompute=True)
+    return arrow_path, ok, details
 
 
 def _map_batch(path: Path) -> tuple[pa.RecordBatch, dict[str, Any]]:
@@ -177,19 +215,34 @@ def cache_matches_source(
     """
     h5_path = Path(h5_path)
     arrow_path = Path(arrow_path) if arrow_path is not None else arrow_cache_for(h5_path)
+    try:
+        h5_attrs: dict[str, Any] | str = read_split_attrs(h5_path)
+    except (OSError, SplitFileError) as exc:
+        h5_attrs = f"HDF5 source unreadable: {exc}"
+    return _compare_with_cache(
+        h5_path, arrow_path, h5_attrs, lambda: content_checksum(read_split(h5_path).arrays()), recompute
+    )
+
+
+def _compare_with_cache(
+    h5_path: Path,
+    arrow_path: Path,
+    h5_attrs: dict[str, Any] | str,
+    h5_checksum: Callable[[], str],
+    recompute: bool,
+) -> tuple[bool, dict[str, Any]]:
+    """The comparison of :func:`cache_matches_source`, given the HDF5 file's attrs (or why they could not
+    be read) and a function that returns the checksum recomputed from its data."""
     details: dict[str, Any] = {"h5_path": str(h5_path), "arrow_path": str(arrow_path), "problems": []}
     problems: list[str] = details["problems"]
-    h5_attrs: dict[str, Any] | None = None
     cache: SplitArrays | None = None
-    try:
-        h5_attrs = read_split_attrs(h5_path)
-    except (OSError, SplitFileError) as exc:
-        problems.append(f"HDF5 source unreadable: {exc}")
+    if isinstance(h5_attrs, str):
+        problems.append(h5_attrs)
     try:
         cache = open_split(arrow_path)
     except (OSError, SplitFileError, pa.ArrowException) as exc:
         problems.append(f"Arrow cache unreadable: {exc}")
-    if h5_attrs is None or cache is None:
+    if isinstance(h5_attrs, str) or cache is None:
         return False, details
     details.update(
         {
@@ -209,7 +262,7 @@ def cache_matches_source(
     if details["h5_checksum"] != details["arrow_source_checksum"]:
         problems.append("the cache was built from different HDF5 content (stale cache)")
     if recompute:
-        details["h5_checksum_recomputed"] = content_checksum(read_split(h5_path).arrays())
+        details["h5_checksum_recomputed"] = h5_checksum()
         details["arrow_checksum_recomputed"] = content_checksum(cache.arrays())
         if details["h5_checksum_recomputed"] != details["h5_checksum"]:
             problems.append("HDF5 data does not match its stored content_checksum")

@@ -20,6 +20,9 @@ another feature contract.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +30,15 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import sklearn
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.preprocessing import RobustScaler
 
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
 from sentinel_pipeline.data.feature_contract import ContractError, FeatureContract
+from sentinel_pipeline.data.raw_bars import iter_row_groups, read_parquet
 
 SCALED_GROUPS: tuple[str, ...] = ("seq", "snap")
 DEFAULT_CLIP = 5.0
@@ -65,29 +71,54 @@ class ClippedRobustScaler(TransformerMixin, BaseEstimator):
             return self
         if X.shape[0] == 0:
             raise ValueError("cannot fit a scaler on zero rows")
-        robust = RobustScaler(quantile_range=tuple(self.quantile_range)).fit(X.astype(np.float64, copy=False))
-        self.center_ = robust.center_.astype(np.float64)
-        self.scale_ = robust.scale_.astype(np.float64)
+        X = X.astype(np.float64, copy=False)
+        # RobustScaler's statistics are per column: fit column ranges in threads (NumPy's partition
+        # releases the GIL) and concatenate, which gives exactly the centre/scale of one fit on X
+        n_parts = min(os.cpu_count() or 1, self.n_features_in_)
+        bounds = np.linspace(0, self.n_features_in_, n_parts + 1).astype(int)
+        with ThreadPoolExecutor(max_workers=n_parts) as pool:
+            parts = list(pool.map(
+                lambda lo_hi: RobustScaler(quantile_range=tuple(self.quantile_range)).fit(X[:, lo_hi[0] : lo_hi[1]]),
+                zip(bounds[:-1], bounds[1:], strict=True),
+            ))
+        self.center_ = np.concatenate([r.center_ for r in parts]).astype(np.float64)
+        self.scale_ = np.concatenate([r.scale_ for r in parts]).astype(np.float64)
         return self
+
+    def _check_width(self, X: np.ndarray) -> None:
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected shape (n, {self.n_features_in_}), got {X.shape}")
+
+    def _scale_inplace(self, out: np.ndarray) -> None:
+        # float32 arithmetic: exact enough for features and half the memory of float64 on big splits
+        out -= self.center_.astype(np.float32)
+        out /= self.scale_.astype(np.float32)
+        np.clip(out, -self.clip, self.clip, out=out)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"expected shape (n, {self.n_features_in_}), got {X.shape}")
-        # float32 arithmetic: exact enough for features and half the memory of float64 on big splits
-        out = X.astype(np.float32) - self.center_.astype(np.float32)
-        out /= self.scale_.astype(np.float32)
-        np.clip(out, -self.clip, self.clip, out=out)
+        self._check_width(X)
+        out = X.astype(np.float32)
+        self._scale_inplace(out)
         return out
 
 
 def transform_filled(scaler: ClippedRobustScaler, X: np.ndarray, fill: float = 0.0) -> np.ndarray:
     """Scale ``X`` and replace every non-finite result (from NaN/inf inputs) with ``fill``; float32."""
-    X = np.asarray(X, dtype=np.float32)
-    finite = np.isfinite(X)
-    out = scaler.transform(np.where(finite, X, np.float32(0.0)))
-    out[~finite] = fill
+    out = np.array(X, dtype=np.float32)
+    transform_filled_inplace(scaler, out, fill)
     return out
+
+
+def transform_filled_inplace(scaler: ClippedRobustScaler, X: np.ndarray, fill: float = 0.0) -> None:
+    """:func:`transform_filled` written into ``X`` itself (a float32 array): same values, no copies."""
+    if X.dtype != np.float32:
+        raise TypeError(f"expected a float32 array, got {X.dtype}")
+    scaler._check_width(X)
+    bad = ~np.isfinite(X)
+    X[bad] = 0.0
+    scaler._scale_inplace(X)
+    X[bad] = fill
 
 
 @dataclass
@@ -106,39 +137,58 @@ def _iso(ts: pd.Timestamp) -> str:
     return pd.Timestamp(ts).isoformat()
 
 
-def fit_scalers(
-    dataset: pd.DataFrame, assignment: pd.DataFrame, contract: FeatureContract, clip: float = DEFAULT_CLIP
-) -> FittedScalers:
-    """Fit the seq and snap scalers on rows with ``split == "train"`` and ``feature_valid``."""
-    if len(dataset) != len(assignment):
-        raise ValueError(f"dataset has {len(dataset)} rows but the split assignment has {len(assignment)}")
+def _fit_rows(index: pd.DataFrame, n_rows: int, assignment: pd.DataFrame) -> np.ndarray:
+    """The rows the scalers are fitted on (``split == "train"`` and ``feature_valid``), checked."""
+    if n_rows != len(assignment):
+        raise ValueError(f"dataset has {n_rows} rows but the split assignment has {len(assignment)}")
     for col in ("feature_valid", "timestamp"):
-        if col not in dataset.columns:
+        if col not in index.columns:
             raise ValueError(f"dataset lacks column {col!r}")
     if "split" not in assignment.columns:
         raise ValueError("split assignment lacks column 'split'")
-    mask = (assignment["split"].to_numpy() == "train") & dataset["feature_valid"].to_numpy(dtype=bool)
-    n_rows = int(mask.sum())
-    if n_rows == 0:
+    # a vectorised comparison (no per-row Python strings for a str column)
+    mask = (assignment["split"] == "train").to_numpy(dtype=bool) & index["feature_valid"].to_numpy(dtype=bool)
+    rows = np.flatnonzero(mask)
+    if rows.size == 0:
         raise ValueError("no train rows with valid features: cannot fit scalers")
+    return rows
+
+
+def _fit(
+    contract: FeatureContract,
+    dataset_columns: list[str],
+    rows: np.ndarray,
+    timestamps: pd.Series,
+    fill: Callable[[list[str], np.ndarray], None],
+    clip: float,
+) -> FittedScalers:
+    """Fit both scalers on the fit rows; ``fill(names, X)`` writes the fit rows of those columns into X.
+
+    ``X`` is float64 and column-major (the robust scaler takes its quantiles one column at a time),
+    and one buffer serves both groups.
+    """
+    width = max(len(contract.names(g)) for g in SCALED_GROUPS)
+    buffer = np.empty((rows.size, width), dtype=np.float64, order="F")
     fitted: dict[str, ClippedRobustScaler] = {}
     for group in SCALED_GROUPS:
         names = contract.names(group)
-        missing = [n for n in names if n not in dataset.columns]
+        missing = [n for n in names if n not in dataset_columns]
         if missing:
             raise ContractError(f"dataset lacks {group} features of contract {contract.hash}: {missing}")
-        X = dataset.loc[mask, names].to_numpy(dtype=np.float64) if names else np.zeros((n_rows, 0))
+        X = buffer[:, : len(names)]
+        fill(names, X)
         if not np.isfinite(X).all():
             raise ValueError(f"non-finite {group} feature values on train rows flagged feature_valid")
         fitted[group] = ClippedRobustScaler(quantile_range=QUANTILE_RANGE, clip=clip).fit(X)
         fitted[group].feature_contract_hash_ = contract.hash
-    ts = dataset.loc[mask, "timestamp"]
+    del buffer
+    ts = timestamps.iloc[rows]
     info: dict[str, Any] = {
         "feature_contract_hash": contract.hash,
         "fit_split": "train",
         "fit_start": _iso(ts.min()),
         "fit_end": _iso(ts.max()),
-        "n_rows": n_rows,
+        "n_rows": int(rows.size),
         "clip": float(clip),
         "quantile_range": list(QUANTILE_RANGE),
         "feature_names": {g: contract.names(g) for g in SCALED_GROUPS},
@@ -147,6 +197,55 @@ def fit_scalers(
         "sklearn_version": sklearn.__version__,
     }
     return FittedScalers(seq=fitted["seq"], snap=fitted["snap"], info=info)
+
+
+def fit_scalers(
+    dataset: pd.DataFrame, assignment: pd.DataFrame, contract: FeatureContract, clip: float = DEFAULT_CLIP
+) -> FittedScalers:
+    """Fit the seq and snap scalers on rows with ``split == "train"`` and ``feature_valid``."""
+    rows = _fit_rows(dataset, len(dataset), assignment)
+
+    def fill(names: list[str], X: np.ndarray) -> None:  # gather, then widen to float64 (exact)
+        for j, name in enumerate(names):
+            values = dataset[name].to_numpy()
+            X[:, j] = (values if values.dtype.kind == "f" else dataset[name].to_numpy(dtype=np.float64))[rows]
+
+    return _fit(contract, list(dataset.columns), rows, dataset["timestamp"], fill, clip)
+
+
+def fit_scalers_from_parquet(
+    dataset_path: str | Path, assignment: pd.DataFrame, contract: FeatureContract, clip: float = DEFAULT_CLIP
+) -> FittedScalers:
+    """:func:`fit_scalers` for a labelled dataset stored as parquet (same result): reads the feature
+    columns one row group at a time, keeping only the fit rows. ``assignment`` needs ``split``."""
+    dataset_path = Path(dataset_path)
+    try:
+        source = pq.ParquetFile(dataset_path, memory_map=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{dataset_path}: not a readable parquet file: {exc}") from exc
+    columns = source.schema_arrow.names
+    index = read_parquet(dataset_path, [c for c in ("timestamp", "feature_valid") if c in columns])
+    group_rows = [source.metadata.row_group(g).num_rows for g in range(source.num_row_groups)]
+    group_start = np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64)
+    try:
+        rows = _fit_rows(index, int(group_start[-1]), assignment)
+    except ValueError as exc:
+        raise ValueError(f"{dataset_path}: {exc}") from exc
+    bounds = np.searchsorted(rows, group_start)  # fit rows of row group g: rows[bounds[g]:bounds[g + 1]]
+
+    def fill(names: list[str], X: np.ndarray) -> None:
+        if not names:
+            return
+        for g, part in enumerate(iter_row_groups(source, names)):
+            lo, hi = bounds[g], bounds[g + 1]
+            local = rows[lo:hi] - group_start[g]
+            for j, name in enumerate(names):  # nulls -> NaN, as pandas reads them
+                X[lo:hi, j] = part.column(name).to_numpy()[local]
+
+    try:
+        return _fit(contract, columns, rows, index["timestamp"], fill, clip)
+    except ValueError as exc:  # ContractError included: same type, message names the file
+        raise type(exc)(f"{dataset_path}: {exc}") from exc
 
 
 def save_scalers(directory: str | Path, fitted: FittedScalers) -> dict[str, Path]:
