@@ -46,7 +46,11 @@ def test_class_weights_favour_rare_classes():
     w = class_weights_from_counts([100, 800, 100])
     assert w[0] == pytest.approx(w[2]) and w[0] > w[1]
     assert w.mean().item() == pytest.approx(1.0)
-    assert (w[0] / w[1]).item() == pytest.approx(8.0)
+    assert (w[0] / w[1]).item() == pytest.approx(8.0**0.5)  # square-root inverse frequency by default
+    assert (class_weights_from_counts([100, 800, 100], power=1.0)[0] / w[1]).item() > 1  # full inverse
+    w_inv = class_weights_from_counts([100, 800, 100], power=1.0)
+    assert (w_inv[0] / w_inv[1]).item() == pytest.approx(8.0)
+    assert torch.equal(class_weights_from_counts([5, 50, 500], power=0.0), torch.ones(3))
     w = class_weights_from_counts(np.array([10, 1000, 100]))
     assert w[0] > w[2] > w[1]
     # an absent class gets the neutral weight 1 (finite), present ones average to 1
@@ -58,6 +62,8 @@ def test_class_weights_favour_rare_classes():
     assert torch.isfinite(loss) and loss > 0
     with pytest.raises(ValueError):
         class_weights_from_counts([-1, 2, 3])
+    with pytest.raises(ValueError):
+        class_weights_from_counts([1, 2, 3], power=-1.0)
 
 
 def test_weighted_focal_emphasises_the_rare_class():

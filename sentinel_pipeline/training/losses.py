@@ -5,7 +5,7 @@
 - Classification heads: ``ce`` is plain (unweighted) cross-entropy against ``batch["tb_class"]``;
   ``focal`` is :class:`FocalLoss` (gamma :data:`FOCAL_GAMMA`) weighted by ``class_weights``.
   Only focal heads use class weights (``VariantSpec.uses_class_weights``); the caller computes them
-  from the train class counts with :func:`class_weights_from_counts`.
+  from the train class counts with :func:`class_weights_from_counts` (square-root inverse frequency).
 """
 
 from __future__ import annotations
@@ -50,20 +50,34 @@ class FocalLoss(nn.Module):
         return (loss * w).sum() / w.sum()
 
 
-def class_weights_from_counts(counts: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Inverse-frequency class weights, normalised to mean 1 over the classes that occur.
+CLASS_WEIGHT_POWER = 0.5  # w_c ∝ count_c ** -power: 0.5 = square-root inverse frequency, 1 = inverse
 
-    ``w_c ∝ 1 / count_c`` for classes with ``count_c > 0``; a class that never occurs in the counts
-    gets weight 1.0 (neutral) rather than 0 or infinity, so a batch made only of such a class still
-    has a finite, non-zero loss.
+
+def class_weights_from_counts(
+    counts: Sequence[int] | np.ndarray | torch.Tensor, power: float = CLASS_WEIGHT_POWER
+) -> torch.Tensor:
+    """Automatic class weights from the train class counts, normalised to mean 1 over present classes.
+
+    ``w_c ∝ count_c ** -power`` for classes with ``count_c > 0``; a class that never occurs in the
+    counts gets weight 1.0 (neutral) rather than 0 or infinity, so a batch made only of such a class
+    still has a finite, non-zero loss.
+
+    The default is the *square-root* inverse frequency (``power`` 0.5), not full inverse frequency
+    (``power`` 1). The triple-barrier vertical class ("neutral") is rare (2.6 % of the default
+    market's train labels) and hard to separate; full inverse frequency weighted it 25x up/down, and
+    ``transformer_tbm`` then predicted "neutral" for 34-57 % of validation samples (val macro-F1
+    0.14-0.30). With square-root weights (5x) it predicts it for 0-8 %, and val macro-F1 was
+    0.38-0.43 over four training seeds (see README, "Training").
     """
     c = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts, dtype=np.float64)
     if c.ndim != 1 or c.size == 0 or (c < 0).any():
         raise ValueError(f"class counts must be a non-empty 1-d array of counts >= 0, got {c}")
+    if not power >= 0:
+        raise ValueError(f"class weight power must be >= 0, got {power}")
     present = c > 0
     w = np.ones_like(c)
     if present.any():
-        inv = 1.0 / c[present]
+        inv = c[present] ** -float(power)
         w[present] = inv / inv.mean()
     return torch.tensor(w, dtype=torch.float32)
 
