@@ -39,8 +39,12 @@ check                passes when
                      of zeros gives finite values
 ``metrics_sane``     ``metrics.json`` has no NaN/Inf anywhere (recursively), describes this model
                      (variant, contract hash, best epoch and best val loss equal the checkpoint's), the
-                     best validation loss of the history is lower than the first epoch's, and the
-                     train and val sample eligibility rates lie in ``(0.1, 0.99)``
+                     best validation loss of the history is lower than the untrained model's
+                     (``initial_val_loss``, evaluated before epoch 1; bundles without it: lower than
+                     the first epoch's), and the train and val sample eligibility rates lie in
+                     ``(0.1, 0.99)``. Against the untrained model, not the first epoch: a model that
+                     learns what it can within its first epoch (the MLP on the default market, batch
+                     256, shuffled) is healthy, and was failed by the first-epoch rule
 ``quality_gates``    the final validation metrics of the gated head meet the variant's
                      :class:`QualityGates`
 ===================  =================================================================================
@@ -606,11 +610,17 @@ def _check_metrics_sane(ctx: _Context) -> str:
         if isinstance(history, list) and all(isinstance(h, dict) for h in history)
         else None
     )
+    initial = metrics.get("initial_val_loss")
+    if initial is not None and not isinstance(initial, int | float):
+        problems.append(f"{METRICS_NAME} initial_val_loss {initial!r} is not a number")
+        initial = None
+    reference = "untrained model" if initial is not None else "first epoch"
     if not losses or not all(isinstance(v, int | float) for v in losses):
         problems.append(f"{METRICS_NAME} history has no per-epoch val_loss")
-    elif not min(losses) < losses[0]:
+    elif not min(losses) < (initial if initial is not None else losses[0]):
+        start = initial if initial is not None else losses[0]
         problems.append(
-            f"validation loss never improved on the first epoch's {losses[0]:.6g} ({len(losses)} epochs)"
+            f"validation loss never improved on the {reference}'s {start:.6g} ({len(losses)} epochs)"
         )
     rates = {}
     for split in ("train", "val"):
@@ -629,7 +639,8 @@ def _check_metrics_sane(ctx: _Context) -> str:
         raise CheckFailed("; ".join(problems))
     ctx.metrics = metrics
     return (
-        f"all values finite; best val loss {min(losses):.6g} < first epoch {losses[0]:.6g} over {len(losses)} epochs; "
+        f"all values finite; best val loss {min(losses):.6g} < {reference} "
+        f"{initial if initial is not None else losses[0]:.6g} (first epoch {losses[0]:.6g}, {len(losses)} epochs); "
         f"eligibility train {rates['train']:.3f}, val {rates['val']:.3f}"
     )
 

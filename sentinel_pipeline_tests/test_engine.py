@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -74,7 +75,37 @@ def test_interrupted_run_resumes_bit_for_bit(data: TrainingData, tmp_path: Path)
     _assert_same_weights(load_best(out / "model_best.pt")["model_state_dict"],
                          load_best(full.best_checkpoint)["model_state_dict"])
     assert resumed.metrics["final_val"] == full.metrics["final_val"]
+    # the untrained model's val loss is measured once, before epoch 1, and kept across the resume
+    assert resumed.metrics["initial_val_loss"] == full.metrics["initial_val_loss"]
+    assert resumed.metrics["initial_val_loss"] > min(h["val_loss"] for h in full.history)
     assert "resuming" in (out / "train_log.txt").read_text()
+
+
+def test_untrained_evaluation_leaves_the_run_unchanged(
+    data: TrainingData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The val pass over the untrained model runs under forked RNG states: with two loader workers (a
+    DataLoader draws a seed from torch's RNG per iterator) the run is the same as when that pass
+    draws nothing at all."""
+    kw = {"model": "seq_ctx_fusion", "limit_samples": LIMIT, "shuffle": True, "batch_size": 32, "epochs": 2,
+          "num_workers": 2}
+    with_pass = train(train_config(data, tmp_path / "a", **kw), progress=False)
+    real_fork = torch.random.fork_rng
+    draws: list[int] = []
+
+    def counting_fork(*args, **kwargs):  # the pass still happens; count it, and keep the fork
+        draws.append(1)
+        return real_fork(*args, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", counting_fork)
+    again = train(train_config(data, tmp_path / "b", **kw), progress=False)
+    assert draws, "the untrained-model pass runs under torch.random.fork_rng"
+    assert _losses(again.history) == _losses(with_pass.history)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: contextlib.nullcontext())
+    unforked = train(train_config(data, tmp_path / "c", **kw), progress=False)
+    # without the fork the pass shifts torch's RNG and the dropout masks: the guard is what keeps the
+    # run identical to one without the pass
+    assert _losses(unforked.history) != _losses(with_pass.history)
 
 
 def test_completed_run_is_not_retrained_unless_fresh(data: TrainingData, tmp_path: Path) -> None:

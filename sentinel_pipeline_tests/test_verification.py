@@ -319,12 +319,38 @@ def test_inf_deep_in_the_history_fails_metrics_sane(bundle: Path, data: Training
 
 
 def test_validation_loss_that_never_improved_fails_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    """Every epoch's val loss at or above the untrained model's: the run learnt nothing."""
     def flat(m: dict[str, Any]) -> None:
+        assert isinstance(m["initial_val_loss"], float)  # the engine records the untrained model's loss
+        for h in m["history"]:
+            h["val_loss"] = m["initial_val_loss"]
+
+    _edit_json(bundle, "metrics.json", flat)
+    _assert_caught_by(_verify(bundle, data), "metrics_sane", "never improved on the untrained model's")
+
+
+def test_best_first_epoch_below_the_untrained_model_passes_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    """A run that learns what it can in its first epoch and then only gets worse is healthy."""
+    def first_best(m: dict[str, Any]) -> None:
+        first = m["history"][0]["val_loss"] = m["initial_val_loss"] * 0.5
+        for k, h in enumerate(m["history"][1:], start=1):
+            h["val_loss"] = first * (1 + 0.01 * k)
+
+    _edit_json(bundle, "metrics.json", first_best)
+    outcome = _verify(bundle, data).check("metrics_sane")
+    assert outcome.passed, outcome.detail
+    assert "< untrained model" in outcome.detail
+
+
+def test_bundle_without_initial_val_loss_falls_back_to_the_first_epoch(bundle: Path, data: TrainingData) -> None:
+    """Bundles written before the untrained model was evaluated are judged by the first-epoch rule."""
+    def old_flat(m: dict[str, Any]) -> None:
+        del m["initial_val_loss"]
         for h in m["history"]:
             h["val_loss"] = m["history"][0]["val_loss"]
 
-    _edit_json(bundle, "metrics.json", flat)
-    _assert_caught_by(_verify(bundle, data), "metrics_sane", "never improved")
+    _edit_json(bundle, "metrics.json", old_flat)
+    _assert_caught_by(_verify(bundle, data), "metrics_sane", "never improved on the first epoch's")
 
 
 @pytest.mark.parametrize("rate", [0.05, 0.995])

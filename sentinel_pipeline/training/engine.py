@@ -42,6 +42,10 @@ continues after the last completed epoch and ends with exactly the weights of an
 order depends only on (seed, epoch)). A completed run is not retrained (``TrainResult.already_complete``);
 ``fresh=True`` discards the earlier run. A ``resume.pt`` of a different configuration is refused.
 
+Before the first epoch the untrained model is evaluated on the validation split once
+(``metrics.json["initial_val_loss"]``, kept across a resume): the reference that verification's
+``metrics_sane`` compares the best validation loss with.
+
 Per-epoch telemetry (logged, in ``metrics.json["history"]``, drawn in ``loss_curve.png``): train and
 val loss per head and in total, grad-norm mean/max, class balance of the direction target over the
 train batches, learning rate, wall seconds, throughput (samples/s) and the loader's share of the
@@ -685,6 +689,7 @@ def _train(
     stopper = _EarlyStopping(settings.monitor_mode, config.patience)
     fingerprint = _fingerprint(config, settings, arch, inputs)
     history: list[dict[str, Any]] = []
+    initial_val: dict[str, Any] | None = None  # the untrained model on the validation split
     start_epoch = 1
     run_id = uuid.uuid4().hex
     complete, stopped_early, resumed_from = False, False, None
@@ -698,6 +703,7 @@ def _train(
             )
         run_id = state["run_id"]
         history = list(state["history"])
+        initial_val = state.get("initial_val")
         stopper.load(state["early_stopping"])
         complete, stopped_early = bool(state["complete"]), bool(state["stopped_early"])
         resumed_from = int(state["epoch"])
@@ -732,7 +738,19 @@ def _train(
             "stopped_early": stopped_early, "model_state_dict": cpu_state_dict(model),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
             "early_stopping": stopper.state(), "history": history, "rng": capture_rng_state(),
+            "initial_val": initial_val,
         })
+
+    if not resuming:
+        # the untrained model's validation loss: what "training improved the model" is measured
+        # against (verification's metrics_sane); run under forked RNG states so that it changes
+        # nothing of the training run (a DataLoader draws a seed from torch's RNG per iterator)
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            pred = _predict(model, spec, val_batcher, settings, class_weights)
+        initial_val = {"val_loss": pred["val_loss"], "val_head_losses": pred["val_head_losses"],
+                       "val_macro_f1": _macro_f1(spec, pred)}
+        log.info("untrained model: val loss %.6g", initial_val["val_loss"])
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs + 1) if not complete else ():
@@ -802,6 +820,8 @@ def _train(
         "best_epoch": stopper.best_epoch,
         "best_monitor_value": stopper.best_value,
         "best_val_loss": float(best["val_loss"]),
+        "initial_val_loss": initial_val["val_loss"] if initial_val else None,
+        "initial_val_head_losses": initial_val["val_head_losses"] if initial_val else None,
         "epochs_completed": len(history),
         "stopped_early": stopped_early,
         "dataset": {
