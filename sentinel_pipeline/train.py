@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--monitor", choices=MONITORS, help="early-stopping monitor (default: the variant's)")
     t.add_argument("--limit-samples", type=int, help="use only the first N samples of each split")
     t.add_argument("--seed", type=int, help="random seed (default 1337)")
+    t.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
+                   help="visit train samples in a permutation reseeded per epoch (the pipeline does); "
+                   "default: the profile's (safe: temporal order)")
     t.add_argument("--fresh", action="store_true", default=None,
                    help="discard an earlier run in --out-dir instead of resuming it")
     r = p.add_argument_group("runtime")

@@ -58,6 +58,14 @@ def test_config_file_with_flag_override(data: TrainingData, tmp_path: Path) -> N
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 1
 
 
+@pytest.mark.parametrize(("flag", "expected"), [([], False), (["--shuffle"], True), (["--no-shuffle"], False)])
+def test_shuffle_flag(data: TrainingData, tmp_path: Path, flag: list[str], expected: bool) -> None:
+    """Safe profile: temporal order unless ``--shuffle``; the resolved setting is what was trained."""
+    assert cli.main(_flags(data, tmp_path / "run", "--limit-samples", "32", "--epochs", "1", *flag)) == 0
+    written = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert written["resolved"]["shuffle"] is expected
+
+
 def test_rerun_of_a_complete_run_reports_it(data: TrainingData, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     flags = _flags(data, tmp_path / "run", "--limit-samples", "32", "--epochs", "1")
     assert cli.main(flags) == 0
