@@ -127,10 +127,13 @@ def main() -> None:
         PerSampleDataset(split, L), batch_size=B, shuffle=True, generator=torch.Generator().manual_seed(1)
     )
 
-    # sanity: both give the same content for the same samples
+    # sanity: both give the same content for the same samples (the batcher's first batch, which
+    # without shuffling is in global time order, against the reference's items for those samples)
     ordered = WindowBatcher(split, seq_len=L, batch_size=B)
-    ref_first = next(iter(torch.utils.data.DataLoader(PerSampleDataset(split, L), batch_size=B)))
     ours_first = ordered.batch(0)
+    indices = np.searchsorted(split.sample_end_rows, ordered.batch_end_rows(0))
+    dataset = PerSampleDataset(split, L)
+    ref_first = torch.utils.data.default_collate([dataset[int(i)] for i in indices])
     assert all(torch.equal(ref_first[k], ours_first[k]) for k in BATCH_KEYS), "batches differ"
 
     rate(batcher, B * 4)  # warm-up
