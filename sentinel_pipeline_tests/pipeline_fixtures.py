@@ -62,11 +62,10 @@ def run_config() -> dict[str, Any]:
 
 
 def cli_run_config() -> dict[str, Any]:
-    """Run config for ``dagster job execute -c``: the small market as resource config, the training
-    ops, and the in-process executor (one process for the run instead of one per step)."""
+    """Run config for ``dagster job execute -c``: the small market as resource config and the training
+    ops (the code location's executor runs the whole run in one process)."""
     return {
         "resources": {"data_settings": {"config": dict(SMALL_MARKET)}},
-        "execution": {"config": {"in_process": {}}},
         **run_config(),
     }
 

@@ -6,7 +6,7 @@ temporary ``DAGSTER_HOME`` (holding ``deploy/dagster.yaml``) and temporary data 
 what the UI's "Materialize all" button does: the ``LaunchPipelineExecution`` mutation on the implicit
 asset job ``__ASSET_JOB`` with every asset and every asset check of the code location selected, plus
 a ``runConfigData`` that shrinks the run (``pipeline_fixtures.cli_run_config``: small synthetic
-market with a stronger planted signal, two epochs per model, in-process executor). It waits for the
+market with a stronger planted signal, two epochs per model). It waits for the
 run to succeed, reads every asset check's latest evaluation back (``bundle_verified`` on each bundle,
 ``train_serve_parity`` on each replay, the data checks) and compares them with the checks the code
 defines, reads a bundle asset's materialisation metadata and checks that bundle on disk, and finally
@@ -312,8 +312,7 @@ def launch_materialize_all(server: DagsterDev, repos: dict[str, Any]) -> str:
         "mode": "default",
         "executionMetadata": {"tags": []},
         # what "Materialize" -> "Open launchpad" would send: the small pipeline of the Dagster-level
-        # tests (small synthetic market, 2 epochs) and the in-process executor (the default starts a
-        # process per step, ~10 s each for ~25 steps on a 2-core machine)
+        # tests (small synthetic market, 2 epochs)
         "runConfigData": cli_run_config(),
         "selector": {
             "repositoryLocationName": repo["location"]["name"],
