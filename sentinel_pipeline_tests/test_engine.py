@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from sentinel_pipeline.data.feature_contract import ContractError
 from sentinel_pipeline.training import engine
 from sentinel_pipeline.training.checkpoints import BEST_KEYS, load_best, load_resume
-from sentinel_pipeline.training.engine import TrainingDivergedError, TrainingError, train
+from sentinel_pipeline.training.engine import TrainingDivergedError, TrainingError, completed_run, train
 from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
 
 LIMIT = 240
@@ -106,6 +107,26 @@ def test_untrained_evaluation_leaves_the_run_unchanged(
     # without the fork the pass shifts torch's RNG and the dropout masks: the guard is what keeps the
     # run identical to one without the pass
     assert _losses(unforked.history) != _losses(with_pass.history)
+
+
+def test_completed_run_is_read_from_disk_only_with_its_bundle(data: TrainingData, tmp_path: Path) -> None:
+    """``completed_run``: what ``train`` returns for a finished run, read from its files; None while the
+    run is unfinished, has no bundle, or its bundle is gone."""
+    models = tmp_path / "models"
+    out = tmp_path / "run"
+    assert completed_run(out, models) is None  # nothing there
+    with pytest.raises(Interrupt):
+        train(train_config(data, out, limit_samples=LIMIT, epochs=2, models_dir=models), progress=False,
+              on_epoch_end=_stop_after(1))
+    assert completed_run(out, models) is None  # interrupted: no metrics.json, no bundle
+    result = train(train_config(data, out, limit_samples=LIMIT, epochs=2, models_dir=models), progress=False)
+    done = completed_run(out, models)
+    assert done is not None and done.already_complete
+    assert done.bundle_dir == result.bundle_dir and done.best_epoch == result.best_epoch
+    assert done.metrics == json.loads((out / "metrics.json").read_text())
+    assert completed_run(out, tmp_path / "other_models") is None  # the bundle is not in that models dir
+    shutil.rmtree(result.bundle_dir)
+    assert completed_run(out, models) is None  # bundle gone: the run must be reported by train() again
 
 
 def test_completed_run_is_not_retrained_unless_fresh(data: TrainingData, tmp_path: Path) -> None:

@@ -581,6 +581,30 @@ def _existing_bundle(models_dir: Path | None, variant: str, run_id: str) -> Path
     return None
 
 
+def completed_run(out_dir: str | Path, models_dir: str | Path | None) -> TrainResult | None:
+    """The result of a run in ``out_dir`` that completed and whose bundle is in ``models_dir``, read
+    from its files alone (no data, no torch state); ``None`` when there is no such run.
+
+    What ``train()`` would return for it (``already_complete``), minus its start-up: the Dagster
+    training asset uses it to skip the training subprocess when nothing changed.
+    """
+    out_dir = Path(out_dir)
+    try:
+        metrics = json.loads((out_dir / METRICS_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(metrics, dict) or metrics.get("status") != "complete" or not (out_dir / BEST_NAME).is_file():
+        return None
+    variant, run_id = metrics.get("variant"), metrics.get("run_id")
+    if not isinstance(variant, str) or not isinstance(run_id, str):
+        return None
+    bundle = _existing_bundle(Path(models_dir) if models_dir is not None else None, variant, run_id)
+    if bundle is None:
+        return None
+    return TrainResult(out_dir, out_dir / BEST_NAME, metrics, list(metrics.get("history") or []), bundle,
+                       bool(metrics.get("stopped_early")), metrics.get("best_epoch"), already_complete=True)
+
+
 def _write_bundle(config: TrainConfig, out_dir: Path, inputs: _Inputs, metrics: dict[str, Any]) -> Path:
     from sentinel_pipeline.bundles import write_bundle
 
@@ -867,6 +891,7 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "TrainingError",
+    "completed_run",
     "head_vs_baseline",
     "resolve_settings",
     "train",
