@@ -615,13 +615,15 @@ def _check_metrics_sane(ctx: _Context) -> str:
         problems.append(f"{METRICS_NAME} initial_val_loss {initial!r} is not a number")
         initial = None
     reference = "untrained model" if initial is not None else "first epoch"
+    start = float("nan")
     if not losses or not all(isinstance(v, int | float) for v in losses):
         problems.append(f"{METRICS_NAME} history has no per-epoch val_loss")
-    elif not min(losses) < (initial if initial is not None else losses[0]):
+    else:
         start = initial if initial is not None else losses[0]
-        problems.append(
-            f"validation loss never improved on the {reference}'s {start:.6g} ({len(losses)} epochs)"
-        )
+        if not min(losses) < start:
+            problems.append(
+                f"validation loss never improved on the {reference}'s {start:.6g} ({len(losses)} epochs)"
+            )
     rates = {}
     for split in ("train", "val"):
         rate = (metrics.get("dataset") or {}).get(split, {}).get("eligibility_rate")
@@ -639,8 +641,8 @@ def _check_metrics_sane(ctx: _Context) -> str:
         raise CheckFailed("; ".join(problems))
     ctx.metrics = metrics
     return (
-        f"all values finite; best val loss {min(losses):.6g} < {reference} "
-        f"{initial if initial is not None else losses[0]:.6g} (first epoch {losses[0]:.6g}, {len(losses)} epochs); "
+        f"all values finite; best val loss {min(losses):.6g} < {reference} {start:.6g} "
+        f"(first epoch {losses[0]:.6g}, {len(losses)} epochs); "
         f"eligibility train {rates['train']:.3f}, val {rates['val']:.3f}"
     )
 

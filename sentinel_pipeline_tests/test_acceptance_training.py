@@ -73,7 +73,7 @@ from sentinel_pipeline.training.config import TrainConfig
 from sentinel_pipeline.training.data_loader import WindowBatcher, load_split_for_training
 from sentinel_pipeline.training.engine import TrainResult, train
 from sentinel_pipeline.training.evaluation import per_timestamp_correlations
-from sentinel_pipeline.training.models import N_CLASSES, build_model, get_variant
+from sentinel_pipeline.training.models import N_CLASSES, build_model, get_variant, signal_from_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -183,10 +183,10 @@ def mse_comparison(pred: np.ndarray, target: np.ndarray, timestamps: np.ndarray,
 
 
 def classifier_comparisons(logits: np.ndarray, y_true: np.ndarray, timestamps: np.ndarray,
-                           majority_class: int, tb_return: np.ndarray) -> dict[str, Comparison]:
+                           majority_class: int, signal: np.ndarray, tb_return: np.ndarray) -> dict[str, Comparison]:
     """Macro-F1 against the chance predictor and against the train-majority-class predictor; the
-    directional part: F1 of up/down against chance, and the rank IC of the trading signal
-    P(up) - P(down) with the realised triple-barrier return."""
+    directional part: F1 of up/down against chance, and the rank IC of the trading ``signal``
+    (``models.signal_from_outputs``: P(up) - P(down)) with the realised triple-barrier return."""
     y_pred = logits.argmax(axis=1)
     majority = np.full_like(y_true, majority_class)
     blocks = timestamp_blocks(timestamps)
@@ -206,15 +206,8 @@ def classifier_comparisons(logits: np.ndarray, y_true: np.ndarray, timestamps: n
         "directional_f1": Comparison(
             "up/down F1 gain over chance", directional_f1_gain(y_true, y_pred), 0.0,
             block_jackknife_se(lambda m: directional_f1_gain(y_true[m], y_pred[m]), blocks)),
-        "signal_rank_ic": rank_ic_comparison(signal_of(logits), tb_return, timestamps),
+        "signal_rank_ic": rank_ic_comparison(signal, tb_return, timestamps),
     }
-
-
-def signal_of(logits: np.ndarray) -> np.ndarray:
-    """The trading signal of a classifier, P(up) - P(down) (``models.signal_from_outputs``)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    return p[:, N_CLASSES - 1] - p[:, 0]
 
 
 # -- building and training ----------------------------------------------------------------------
@@ -261,8 +254,9 @@ def evaluate(result: TrainResult, paths: ArtifactPaths) -> dict[str, dict[str, C
     for head in spec.heads:
         if head.kind == "classification":
             tb_return = pred["targets"][:, pred["target_names"].index("tb_return_atr")].astype(np.float64)
+            signal = signal_from_outputs(spec, {head.name: torch.from_numpy(pred[head.name])}).numpy()
             out[head.name] = classifier_comparisons(pred[head.name], pred["tb_class"], pred["timestamp"],
-                                                    baselines["majority_class"], tb_return)
+                                                    baselines["majority_class"], signal.astype(np.float64), tb_return)
             continue
         target = pred["targets"][:, pred["target_names"].index(head.target)].astype(np.float64)
         y = pred[head.name].astype(np.float64)

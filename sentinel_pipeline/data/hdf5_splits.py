@@ -54,7 +54,13 @@ from sentinel_pipeline.atomic_io import atomic_path
 from sentinel_pipeline.data.feature_contract import FEATURE_GROUPS, ContractError, FeatureContract
 from sentinel_pipeline.data.raw_bars import iter_row_groups, read_parquet
 from sentinel_pipeline.data.scalers import FittedScalers, transform_filled_inplace
-from sentinel_pipeline.data.split_arrays import ARRAY_DTYPES, TARGET_NAMES, SplitArrays, content_checksum
+from sentinel_pipeline.data.split_arrays import (
+    ARRAY_DTYPES,
+    TARGET_NAMES,
+    SplitArrays,
+    checksum_header,
+    content_checksum,
+)
 from sentinel_pipeline.paths import SPLITS
 
 FORMAT = "sentinel-split/1"
@@ -496,8 +502,8 @@ def write_splits_from_parquet(
 
 class _StreamedSplit:
     """One split file written matrix by matrix in row chunks, hashed as written (the byte stream of
-    ``split_arrays.content_checksum``: per array in ``ARRAY_DTYPES`` order a ``name:dtype:shape;``
-    header, then its C-order bytes)."""
+    ``split_arrays.content_checksum``: per array in ``ARRAY_DTYPES`` order its ``checksum_header``,
+    then its C-order bytes)."""
 
     def __init__(self, plan: _Plan, split: str, f: h5py.File) -> None:
         self.plan, self.split, self.f = plan, split, f
@@ -509,7 +515,7 @@ class _StreamedSplit:
         self.first_bad_row = -1
 
     def _header(self, name: str, shape: tuple[int, ...]) -> None:
-        self.hash.update(f"{name}:{np.dtype(ARRAY_DTYPES[name]).str}:{shape};".encode())
+        self.hash.update(checksum_header(name, ARRAY_DTYPES[name], shape))
 
     def begin_matrix(self, name: str) -> None:
         shape = (int(self.rows.size), len(self.plan.column_names(name)))

@@ -85,6 +85,12 @@ def content_checksum(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in ARRAY_DTYPES:
         a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(checksum_header(name, a.dtype, a.shape))
         h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
+
+
+def checksum_header(name: str, dtype: np.dtype | str, shape: tuple[int, ...]) -> bytes:
+    """The bytes :func:`content_checksum` hashes before an array's data (for writers that hash as they
+    write, one chunk at a time)."""
+    return f"{name}:{np.dtype(dtype).str}:{tuple(shape)};".encode()

@@ -783,8 +783,7 @@ def _train(
         cuda = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             pred = _predict(model, spec, val_batcher, settings, class_weights)
-        initial_val = {"val_loss": pred["val_loss"], "val_head_losses": pred["val_head_losses"],
-                       "val_macro_f1": _macro_f1(spec, pred)}
+        initial_val = {"val_loss": pred["val_loss"], "val_head_losses": pred["val_head_losses"]}
         log.info("untrained model: val loss %.6g", initial_val["val_loss"])
 
     epoch = start_epoch - 1
