@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="validation split for the forward pass (default: the val_h5 recorded in the bundle's train_config.json)",
     )
+    p.add_argument(
+        "--gate-h5",
+        type=Path,
+        help="split the statistical gates are scored on (default: test.h5 beside the validation split); "
+        "never the split that chose the checkpoint",
+    )
     p.add_argument("--gates", type=Path, help="JSON or YAML file of per-variant quality gate overrides")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument(
@@ -54,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--bundle-dir {args.bundle_dir}: not a directory")
     if args.val_h5 is not None and not args.val_h5.is_file():
         parser.error(f"--val-h5 {args.val_h5}: no such file")
+    if args.gate_h5 is not None and not args.gate_h5.is_file():
+        parser.error(f"--gate-h5 {args.gate_h5}: no such file")
     if args.gates is not None and not args.gates.is_file():
         parser.error(f"--gates {args.gates}: no such file")
 
@@ -65,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             gates = load_gates(args.gates)
         except ValueError as exc:
             parser.error(f"--gates: {exc}")
-    report = verify_bundle(args.bundle_dir, args.expected_hash, val_h5=args.val_h5, gates=gates)
+    report = verify_bundle(args.bundle_dir, args.expected_hash, val_h5=args.val_h5, gate_h5=args.gate_h5,
+                           gates=gates)
     if args.write_record:
         write_verification_record(args.bundle_dir, report)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())

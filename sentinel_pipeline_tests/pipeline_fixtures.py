@@ -5,10 +5,11 @@ A :class:`PipelineHome` is one pipeline instance on disk: ``data/`` (raw landing
 check evaluations), all under one root. The Dagster history records absolute bundle paths, so a
 snapshot of an instance is restored *in place* (same root) rather than copied elsewhere.
 
-The settings are small: :data:`SMALL_MARKET` (20 symbols x 60 days of hourly bars; a planted signal of
-0.3 instead of the default 0.08 and a 10-bar label horizon, so that the label balance check and every
-variant's quality gates pass with room on this little data) and :data:`TRAINING` (2 epochs; the
-transformer on its first 1000 training samples).
+The settings are small: :data:`SMALL_MARKET` (20 symbols x 150 days of hourly bars; a strong planted
+signal of 0.3 and a 10-bar label horizon, so that the label balance check passes and the test split
+holds the >= 10 independent label windows the statistical gates need) and :data:`TRAINING` (2 epochs;
+the transformer on its first 1000 training samples), with :data:`PLUMBING_GATES` (the default gates
+without the classifiers' shift null; see that file).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from sentinel_pipeline.training.models import VARIANTS
 
 SMALL_MARKET: dict[str, Any] = {
     "synthetic_n_symbols": 20,
-    "synthetic_n_days": 60,
+    "synthetic_n_days": 150,
     "signal_strength": 0.3,
     "horizon": 10,
 }
+PLUMBING_GATES = Path(__file__).with_name("plumbing_gates.yaml")
 TRAINING: dict[str, Any] = {"epochs": 2, "batch_size": 256, "threads": 1, "log_every": 100_000}
 # the transformer is the slow variant: it trains on the first 1000 samples (validation has fewer, so
 # it is evaluated on the whole validation split all the same)
@@ -65,7 +67,10 @@ def cli_run_config() -> dict[str, Any]:
     """Run config for ``dagster job execute -c``: the small market as resource config and the training
     ops (the code location's executor runs the whole run in one process)."""
     return {
-        "resources": {"data_settings": {"config": dict(SMALL_MARKET)}},
+        "resources": {
+            "data_settings": {"config": dict(SMALL_MARKET)},
+            "verification": {"config": {"gates_file": str(PLUMBING_GATES)}},
+        },
         **run_config(),
     }
 
@@ -96,7 +101,7 @@ class PipelineHome:
                 data_dir=str(self.data_dir), models_dir=str(self.models_dir), raw_dir=None
             ),
             "data_settings": DataHalfSettings(**SMALL_MARKET),
-            "verification": VerificationSettings(gates_file=str(gates_file) if gates_file else None),
+            "verification": VerificationSettings(gates_file=str(gates_file or PLUMBING_GATES)),
             "pipes_client": dg.PipesSubprocessClient(),
         }
 

@@ -25,6 +25,8 @@ from sentinel_pipeline.training.models import VARIANTS, build_model, resolve_arc
 from sentinel_pipeline.verification import (
     CHECK_NAMES,
     DEFAULT_GATES,
+    DEFAULT_MIN_DIRECTIONAL_T,
+    DEFAULT_MIN_MSE_T,
     POST_RELEASE_FILES,
     RECORD_NAME,
     BundleNotVerifiedError,
@@ -36,14 +38,19 @@ from sentinel_pipeline.verification import (
     write_verification_record,
 )
 from sentinel_pipeline_tests.dataset_factory import make_contract
-from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
+from sentinel_pipeline_tests.training_fixtures import (
+    GATE_BARS,
+    TrainingData,
+    make_training_data,
+    train_config,
+)
 
 VARIANTS_TESTED = ("mlp_two_head", "seq_ctx_fusion")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> TrainingData:
-    return make_training_data(tmp_path_factory.mktemp("data"), signal=1.0)
+    return make_training_data(tmp_path_factory.mktemp("data"), signal=1.0, n_bars=GATE_BARS)
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +313,6 @@ def test_nan_in_metrics_fails_metrics_sane(bundle: Path, data: TrainingData) -> 
     )
     report = _verify(bundle, data)
     _assert_caught_by(report, "metrics_sane", "final_val.heads.early_move.mse")
-    assert report.check("quality_gates").detail == "skipped: needs metrics_sane"
 
 
 def test_inf_deep_in_the_history_fails_metrics_sane(bundle: Path, data: TrainingData) -> None:
@@ -353,108 +359,147 @@ def test_bundle_without_initial_val_loss_falls_back_to_the_first_epoch(bundle: P
     _assert_caught_by(_verify(bundle, data), "metrics_sane", "never improved on the first epoch's")
 
 
-@pytest.mark.parametrize("rate", [0.05, 0.995])
-def test_eligibility_rate_out_of_range_fails_metrics_sane(
-    bundle: Path, data: TrainingData, rate: float
+@pytest.mark.parametrize(("rate", "samples", "rows"), [(0.05, 10, 1000), (1.2, 1200, 1000), (0.0, 0, 1000)])
+def test_implausible_eligibility_fails_metrics_sane(
+    bundle: Path, data: TrainingData, rate: float, samples: int, rows: int
 ) -> None:
-    _edit_json(bundle, "metrics.json", lambda m: m["dataset"]["val"].update(eligibility_rate=rate))
+    _edit_json(bundle, "metrics.json",
+               lambda m: m["dataset"]["val"].update(eligibility_rate=rate, samples=samples, rows=rows))
     _assert_caught_by(_verify(bundle, data), "metrics_sane", "val eligibility rate")
 
 
-# -- quality gates -----------------------------------------------------------------------------
+def test_a_long_clean_series_near_full_eligibility_passes_metrics_sane(bundle: Path, data: TrainingData) -> None:
+    """0.995 eligible is what years of clean bars give; the old ceiling of 0.99 failed every such bundle."""
+    _edit_json(bundle, "metrics.json",
+               lambda m: m["dataset"]["val"].update(eligibility_rate=0.995, samples=19_900, rows=20_000))
+    outcome = _verify(bundle, data).check("metrics_sane")
+    assert outcome.passed, outcome.detail
 
 
-def _final(bundle: Path, head: str) -> dict[str, Any]:
-    return json.loads((bundle / "metrics.json").read_text())["final_val"]["heads"][head]
+# -- quality gates (statistical, on the gate split) --------------------------------------------
+
+
+def _gate(report: VerificationReport, name: str) -> dict[str, Any]:
+    return next(g for g in report.gate_results if g["name"].startswith(name))
 
 
 def test_default_gates_cover_every_variant() -> None:
     assert set(DEFAULT_GATES) == set(VARIANTS)
     for name, spec in VARIANTS.items():
         gates = DEFAULT_GATES[name]
+        assert gates.min_directional_t == DEFAULT_MIN_DIRECTIONAL_T
         if spec.classifier:
-            assert (gates.min_macro_f1, gates.min_macro_f1_margin, gates.min_rank_ic) == (0.34, 0.0, None)
+            assert (gates.null_quantile, gates.min_mse_t) == (0.95, None)
         else:
-            assert (gates.min_rank_ic, gates.max_mse_ratio, gates.min_macro_f1) == (0.0, 1.02, None)
+            assert (gates.null_quantile, gates.min_mse_t) == (None, DEFAULT_MIN_MSE_T)
+
+
+@pytest.mark.parametrize("variant", VARIANTS_TESTED)
+def test_gates_are_scored_on_the_test_split_with_their_evidence(
+    variant: str, trained: dict[str, Path], data: TrainingData
+) -> None:
+    report = _verify(trained[variant], data)
+    assert report.passed, report.render()
+    assert "test.h5" in report.check("quality_gates").detail
+    names = [g["name"] for g in report.gate_results]
+    expected = ["directional_skill", "shift_null"] if VARIANTS[variant].classifier else [
+        "directional_skill", "mse_skill[early_move]"]
+    assert names == expected
+    for g in report.gate_results:
+        assert g["passed"] and g["n_samples"] > 0 and g["n_windows"] >= DEFAULT_GATES[variant].min_windows
+        assert g["value"] is not None and g["bound"] is not None and g["statistic"]
+    # the record keeps the evidence
+    assert VerificationReport.from_dict(report.to_dict()).gate_results == report.gate_results
+
+
+def test_gates_never_fall_back_to_the_validation_split(bundle: Path, data: TrainingData, tmp_path: Path) -> None:
+    """Without a test split beside the validation split there is no gate, and the check says why."""
+    lonely = tmp_path / "val_only"
+    lonely.mkdir()
+    shutil.copy(data.val_h5, lonely / "val.h5")
+    report = verify_bundle(bundle, data.hash, val_h5=lonely / "val.h5")
+    _assert_caught_by(report, "quality_gates", "no gate split")
+    assert _verify(bundle, data, gate_h5=tmp_path / "missing.h5").check("quality_gates").detail.endswith(
+        "does not exist")
 
 
 def test_regression_gates_pass_and_fail_by_threshold(bundle: Path, data: TrainingData) -> None:
-    m = _final(bundle, "early_move")
-    ratio = m["mse"] / m["baseline_mse"]
-    assert _verify(bundle, data, gates={"mlp_two_head": {"min_rank_ic": m["rank_ic"] - 0.01}}).passed
-    report = _verify(bundle, data, gates={"mlp_two_head": {"min_rank_ic": m["rank_ic"] + 0.01}})
-    _assert_caught_by(report, "quality_gates", "rank_ic", "early_move")
-    assert _verify(bundle, data, gates={"mlp_two_head": {"max_mse_ratio": ratio + 0.01}}).passed
-    _assert_caught_by(
-        _verify(bundle, data, gates={"mlp_two_head": {"max_mse_ratio": ratio - 0.01}}), "quality_gates", "mse"
-    )
+    report = _verify(bundle, data)
+    t_dir, t_mse = _gate(report, "directional_skill")["value"], _gate(report, "mse_skill")["value"]
+    assert _verify(bundle, data, gates={"mlp_two_head": {"min_directional_t": t_dir - 0.01}}).passed
+    _assert_caught_by(_verify(bundle, data, gates={"mlp_two_head": {"min_directional_t": t_dir + 0.01}}),
+                      "quality_gates", "FAIL directional_skill", "rank IC")
+    _assert_caught_by(_verify(bundle, data, gates={"mlp_two_head": {"min_mse_t": t_mse + 0.01}}),
+                      "quality_gates", "FAIL mse_skill[early_move]", "train-mean")
 
 
 def test_gates_on_another_head(bundle: Path, data: TrainingData) -> None:
-    m = _final(bundle, "tb_return_atr")
-    gates = QualityGates(head="tb_return_atr", min_rank_ic=m["rank_ic"] + 0.01)
-    _assert_caught_by(_verify(bundle, data, gates=gates), "quality_gates", "tb_return_atr")
-    wrong = QualityGates(head="direction", min_rank_ic=0.0)
-    _assert_caught_by(_verify(bundle, data, gates=wrong), "quality_gates", "not a head")
-    misplaced = QualityGates(min_macro_f1=0.1)
-    _assert_caught_by(_verify(bundle, data, gates=misplaced), "quality_gates", "does not apply")
+    report = _verify(bundle, data, gates=QualityGates(head="tb_return_atr", min_mse_t=1.0))
+    assert [g["name"] for g in report.gate_results] == ["directional_skill", "mse_skill[tb_return_atr]"]
+    wrong = QualityGates(head="direction", min_mse_t=0.0)
+    _assert_caught_by(_verify(bundle, data, gates=wrong), "quality_gates", "needs a regression head")
+    misplaced = QualityGates(null_quantile=0.95)
+    _assert_caught_by(_verify(bundle, data, gates=misplaced), "quality_gates", "needs a classification head")
 
 
 def test_classifier_gates_pass_and_fail_by_threshold(trained: dict[str, Path], data: TrainingData) -> None:
     bundle = trained["seq_ctx_fusion"]
-    m = _final(bundle, "direction")
-    assert m["macro_f1"] >= 0.34 and m["macro_f1"] >= m["baseline_macro_f1"]
-    assert _verify(bundle, data, gates={"seq_ctx_fusion": {"min_macro_f1": m["macro_f1"] - 0.01}}).passed
-    report = _verify(bundle, data, gates={"seq_ctx_fusion": {"min_macro_f1": m["macro_f1"] + 0.01}})
-    _assert_caught_by(report, "quality_gates", "macro_f1", "direction")
-    margin = m["macro_f1"] - m["baseline_macro_f1"] + 0.01
-    _assert_caught_by(
-        _verify(bundle, data, gates={"seq_ctx_fusion": {"min_macro_f1_margin": margin}}),
-        "quality_gates",
-        "baseline",
-    )
-
-
-def test_default_gates_fail_a_model_that_learned_nothing(bundle: Path, data: TrainingData) -> None:
-    """Metrics of a model no better than the train-mean predictor (recorded consistently) fail the gates."""
-
-    def no_skill(m: dict[str, Any]) -> None:
-        head = m["final_val"]["heads"]["early_move"]
-        head.update(rank_ic=-0.01, mse=head["baseline_mse"] * 1.05)
-
-    _edit_json(bundle, "metrics.json", no_skill)
     report = _verify(bundle, data)
-    _assert_caught_by(report, "quality_gates", "rank_ic -0.01 < 0", "mse")
+    shift = _gate(report, "shift_null")
+    assert shift["extra"]["accuracy"] > shift["extra"]["null_accuracy_q"]
+    assert shift["extra"]["macro_f1"] > shift["extra"]["null_macro_f1_q"]
+    t_dir = _gate(report, "directional_skill")["value"]
+    _assert_caught_by(_verify(bundle, data, gates={"seq_ctx_fusion": {"min_directional_t": t_dir + 0.01}}),
+                      "quality_gates", "FAIL directional_skill")
 
 
-def test_undefined_metric_fails_its_gate(bundle: Path, data: TrainingData) -> None:
-    _edit_json(bundle, "metrics.json", lambda m: m["final_val"]["heads"]["early_move"].update(rank_ic=None))
-    _assert_caught_by(_verify(bundle, data), "quality_gates", "rank_ic is undefined")
+def test_a_model_that_learned_nothing_fails_the_gates(bundle: Path, data: TrainingData) -> None:
+    """The bundle's weights replaced by an untrained model of the same architecture (metadata consistent)."""
+    ckpt = load_best(bundle / "model_best.pt")
+    torch.manual_seed(123)
+    fresh = build_model(ckpt["arch"])
+    save_best(bundle / "model_best.pt", fresh.state_dict(), ckpt["arch"], ckpt["epoch"], ckpt["val_loss"])
+    _rewrite_manifest(bundle)
+    report = _verify(bundle, data)
+    _assert_caught_by(report, "quality_gates", "FAIL directional_skill")
+    assert not _gate(report, "directional_skill")["passed"]
+
+
+def test_too_little_gate_data_is_its_own_failure(bundle: Path, data: TrainingData) -> None:
+    report = _verify(bundle, data, gates={"mlp_two_head": {"min_windows": 10_000}})
+    _assert_caught_by(report, "quality_gates", "not enough data to decide")
+    assert all(g["value"] is None for g in report.gate_results)
+
+
+def test_gates_are_reported_even_when_metrics_sane_fails(bundle: Path, data: TrainingData) -> None:
+    _edit_json(bundle, "metrics.json", lambda m: m["dataset"]["val"].update(eligibility_rate=7.0))
+    report = _verify(bundle, data)
+    assert not report.passed and not report.check("metrics_sane").passed
+    assert report.check("quality_gates").passed and report.gate_results
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_gates_load_from_json_and_yaml(tmp_path: Path, bundle: Path, data: TrainingData, suffix: str) -> None:
-    m = _final(bundle, "early_move")
-    body = {"mlp_two_head": {"min_rank_ic": m["rank_ic"] + 0.01}, "transformer_tbm": {"min_macro_f1": None}}
+    body = {"mlp_two_head": {"min_directional_t": 99.0}, "transformer_tbm": {"null_quantile": None}}
     path = tmp_path / f"gates{suffix}"
     path.write_text(json.dumps(body) if suffix == ".json" else yaml.safe_dump(body))
     gates = load_gates(path)
-    assert gates["mlp_two_head"].min_rank_ic == pytest.approx(m["rank_ic"] + 0.01)
-    assert gates["mlp_two_head"].max_mse_ratio == 1.02  # untouched fields keep their defaults
-    assert (
-        gates["transformer_tbm"].min_macro_f1 is None
-        and gates["seq_ctx_fusion"] == DEFAULT_GATES["seq_ctx_fusion"]
-    )
-    _assert_caught_by(_verify(bundle, data, gates=path), "quality_gates", "rank_ic")
+    assert gates["mlp_two_head"].min_directional_t == 99.0
+    assert gates["mlp_two_head"].min_mse_t == DEFAULT_MIN_MSE_T  # untouched fields keep their defaults
+    assert gates["transformer_tbm"].null_quantile is None
+    assert gates["seq_ctx_fusion"] == DEFAULT_GATES["seq_ctx_fusion"]
+    _assert_caught_by(_verify(bundle, data, gates=path), "quality_gates", "directional_skill")
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"no_such_variant": {"min_rank_ic": 0.1}}, "unknown variants"),
-        ({"mlp_two_head": {"min_sharpe": 1.0}}, "unknown gate fields"),
-        ({"mlp_two_head": {"min_rank_ic": "high"}}, "finite number"),
-        ({"mlp_two_head": {"min_rank_ic": math.inf}}, "finite number"),
+        ({"no_such_variant": {"min_directional_t": 0.1}}, "unknown variants"),
+        ({"mlp_two_head": {"min_rank_ic": 0.1}}, "unknown gate fields"),
+        ({"mlp_two_head": {"min_directional_t": "high"}}, "finite number"),
+        ({"mlp_two_head": {"min_directional_t": math.inf}}, "finite number"),
+        ({"seq_ctx_fusion": {"null_quantile": 1.5}}, "null_quantile"),
+        ({"mlp_two_head": {"min_windows": 0}}, "min_windows"),
         (["mlp_two_head"], "mapping"),
     ],
 )

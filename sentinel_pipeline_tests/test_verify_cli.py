@@ -14,14 +14,19 @@ import pytest
 from sentinel_pipeline.training.engine import train
 from sentinel_pipeline.verification import CHECK_NAMES, RECORD_NAME, require_verified
 from sentinel_pipeline.verify import main
-from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
+from sentinel_pipeline_tests.training_fixtures import (
+    GATE_BARS,
+    TrainingData,
+    make_training_data,
+    train_config,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> TrainingData:
-    return make_training_data(tmp_path_factory.mktemp("data"), signal=1.0)
+    return make_training_data(tmp_path_factory.mktemp("data"), signal=1.0, n_bars=GATE_BARS)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +113,7 @@ def test_gates_file_can_fail_a_good_bundle(
     bundle: Path, data: TrainingData, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gates = tmp_path / "gates.yaml"
-    gates.write_text("mlp_two_head:\n  min_rank_ic: 1.01\n")
+    gates.write_text("mlp_two_head:\n  min_directional_t: 1000.0\n")
     args = ["--bundle-dir", str(bundle), "--expected-hash", data.hash, "--val-h5", str(data.val_h5), "--json"]
     assert main([*args, "--gates", str(gates)]) == 1
     assert json.loads(capsys.readouterr().out)["failed_checks"] == ["quality_gates"]

@@ -9,8 +9,12 @@ scaler and HDF5 writers.
 With ``signal > 0`` a learnable relation is planted: ``seq_f0`` is set equal to ``snap_f0`` (so every
 variant sees it, the MLP through snap and the sequence models at the window's last bar) and, on
 label-eligible rows, ``early_move`` and ``tb_return_atr`` are ``signal * z + noise`` and ``tb_label``
-is the thresholded sign of ``signal * z + noise``, where ``z`` is the standardised ``snap_f0`` and the
-noise is standard normal. With ``signal = 0`` the targets are pure noise.
+is the thresholded sign of ``d = signal * z + noise``, where ``z`` is the standardised ``snap_f0`` and the
+noise is standard normal; the forward returns follow the same ``d`` (``fwd_ret_h = 0.002 * sqrt(h / 20)
+* d``), so the directional gate sees the skill too. With ``signal = 0`` the targets are pure noise.
+
+The verification gate needs at least 10 independent label windows of 20 bars on the test split
+(:data:`GATE_BARS` bars per symbol give that).
 """
 
 from __future__ import annotations
@@ -64,11 +68,17 @@ def plant_signal(df: pd.DataFrame, signal: float, seed: int = 0) -> pd.DataFrame
         "mae_6": np.maximum(-early, 0.0) + offset,
         "tb_return_atr": quality,
     }
+    for h in (1, 5, 10, 20):
+        columns[f"fwd_ret_{h}"] = 0.002 * np.sqrt(h / 20) * direction
     for name, values in columns.items():
         out[name] = np.where(eligible, values, np.nan)
     label = np.where(direction > 0.5, 1, np.where(direction < -0.5, -1, 0))
     out["tb_label"] = np.where(eligible, label, 0).astype(np.int8)
     return out
+
+
+# bars per symbol whose test split (15 %) holds >= 10 independent 20-bar label windows
+GATE_BARS = 2000
 
 
 def make_training_data(

@@ -12,7 +12,7 @@ column              meaning
 ``row``             its row in the split (rows are sorted by symbol, then time)
 ``signal``          the trading signal (``models.signal_from_outputs``: P(up) - P(down) for
                     classifiers, the first head's output otherwise)
-``<head>``          every regression head's output
+``out_<head>``      every regression head's output (prefixed: a head may share its target's name)
 ``p_down/p_neutral/p_up``, ``pred_class``  the classifier head's probabilities and argmax (classifiers)
 ``tb_class``        realised triple-barrier class (0 down, 1 neutral, 2 up)
 ``<target>``        every float target of the split (``fwd_ret_1`` .. ``tb_return_atr``)
@@ -39,6 +39,11 @@ CLASS_COLUMNS: tuple[str, ...] = ("p_down", "p_neutral", "p_up")
 SCORE_BATCH = 1024
 
 
+def head_column(head: str) -> str:
+    """The column of a regression head's output in the scored table."""
+    return f"out_{head}"
+
+
 def score_split(
     model: nn.Module,
     arch: dict[str, Any],
@@ -56,7 +61,7 @@ def score_split(
     heads = [h for h in spec.heads if h.kind == "regression"]
     classifier = next((h for h in spec.heads if h.kind == "classification"), None)
     signal = np.empty(n, dtype=np.float64)
-    head_out = {h.name: np.empty(n, dtype=np.float64) for h in heads}
+    head_out = {head_column(h.name): np.empty(n, dtype=np.float64) for h in heads}
     probs = np.empty((n, N_CLASSES), dtype=np.float64) if classifier is not None else None
     rows = np.empty(n, dtype=np.int64)
     model.eval()
@@ -69,7 +74,7 @@ def score_split(
             rows[sl] = batch["end_rows"].numpy()
             signal[sl] = signal_from_outputs(spec, outputs).double().numpy()
             for h in heads:
-                head_out[h.name][sl] = outputs[h.name].reshape(-1).double().numpy()
+                head_out[head_column(h.name)][sl] = outputs[h.name].reshape(-1).double().numpy()
             if probs is not None and classifier is not None:
                 probs[sl] = torch.softmax(outputs[classifier.name], dim=-1).double().numpy()
             start += size

@@ -52,13 +52,28 @@ def current_bundle(instance: dg.DagsterInstance, paths: ArtifactPaths, variant: 
     return on_disk[0]
 
 
+def gate_rows(gate_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One readable row per statistical gate: verdict, tested number, bound and the sample it rests on."""
+    def r(x: Any) -> Any:
+        return round(float(x), 3) if isinstance(x, int | float) else "n/a"
+
+    return [
+        {"gate": g["name"], "passed": g["passed"], "value": r(g.get("value")), "bound": r(g.get("bound")),
+         "samples": g["n_samples"], "timestamps": g["n_timestamps"], "independent windows": g["n_windows"],
+         "tested": g["statistic"]}
+        for g in gate_results
+    ]
+
+
 def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=bundle_asset_key(variant),
         name=CHECK_NAME,
         blocking=True,
         description="Files, sha256 manifest, contract hash, metadata vs contract, model loads and runs on "
-        "validation rows, scalers load, metrics sane, quality gates. Blocks replay when it fails.",
+        "validation rows, scalers load, metrics sane, and the statistical skill gates scored on the test "
+        "split (HAC t of directional rank IC; MSE vs train mean; shift null for classifiers). Blocks replay "
+        "when it fails.",
     )
     def _check(
         context: dg.AssetCheckExecutionContext, settings: PipelineSettings, verification: VerificationSettings
@@ -67,7 +82,7 @@ def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
         bundle = current_bundle(context.instance, paths, variant)
         expected = read_contract(paths.feature_contract).hash
         gates = load_gates(verification.gates_file) if verification.gates_file else None
-        report = verify_bundle(bundle, expected, val_h5=paths.h5("val"), gates=gates)
+        report = verify_bundle(bundle, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"), gates=gates)
         write_verification_record(bundle, report)
         context.log.info(report.render())
         rows = [{"check": c.name, "passed": c.passed, "detail": c.detail} for c in report.checks]
@@ -77,6 +92,11 @@ def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
             "checks": md_table(rows),
             "failed_checks": ", ".join(report.failed_checks) or "none",
         }
+        if report.gate_results:
+            metadata["gates"] = md_table(gate_rows(report.gate_results))
+            for g in report.gate_results:
+                if g.get("value") is not None:
+                    metadata[f"gate_{g['name']}"] = round(float(g["value"]), 3)
         return dg.AssetCheckResult(
             passed=report.passed,
             metadata=metadata,

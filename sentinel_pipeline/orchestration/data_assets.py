@@ -39,9 +39,9 @@ class DataHalfSettings(dg.ConfigurableResource):
     max_quarantine_fraction: float = 0.05
     generate_default_when_empty: bool = True
     # embedded synthetic default market (used only when the raw directory holds no parquet)
-    synthetic_seed: int = 7
-    synthetic_n_symbols: int = 24
-    synthetic_n_days: int = 252
+    synthetic_seed: int = SyntheticMarketConfig.seed
+    synthetic_n_symbols: int = SyntheticMarketConfig.n_symbols
+    synthetic_n_days: int = SyntheticMarketConfig.n_days
     signal_strength: float | None = None  # None: the generator's documented default
     # features
     seq_len: int = 30

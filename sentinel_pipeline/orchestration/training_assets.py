@@ -15,7 +15,7 @@ from sentinel_pipeline.orchestration.metadata import image, md_table
 from sentinel_pipeline.orchestration.pipes_training import summarise
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.stage_cache import fingerprint
-from sentinel_pipeline.training.config import TrainConfig
+from sentinel_pipeline.training.config import PIPELINE_BATCH_SIZES, PIPELINE_TRAINING, TrainConfig
 from sentinel_pipeline.training.engine import completed_run
 from sentinel_pipeline.training.models import VARIANTS
 
@@ -38,12 +38,12 @@ class TrainingRunConfig(dg.Config):
       the CLI's 16; windows are built lazily, so memory stays O(batch x seq_len x features).
     """
 
-    epochs: int = 10
+    epochs: int = PIPELINE_TRAINING["epochs"]
     # None: PIPELINE_BATCH_SIZES for the variant, else the variant's own default
     batch_size: int | None = None
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 3
+    patience: int = PIPELINE_TRAINING["patience"]
     seed: int = 1337
     device: str = "auto"
     num_workers: int | None = None
@@ -52,12 +52,9 @@ class TrainingRunConfig(dg.Config):
     profile: str = "safe"
     threads: int | None = None
     log_every: int = 200
-    shuffle: bool = True
+    shuffle: bool = PIPELINE_TRAINING["shuffle"]
 
 
-# the MLP's laptop-safe default (16) makes its epochs several times slower (see TrainingRunConfig);
-# the sequence models keep their registry defaults (128)
-PIPELINE_BATCH_SIZES: dict[str, int] = {"mlp_two_head": 256}
 
 
 def bundle_asset_key(variant: str) -> dg.AssetKey:

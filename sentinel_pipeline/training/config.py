@@ -38,6 +38,13 @@ PATH_FIELDS: tuple[str, ...] = ("train_h5", "val_h5", "feature_schema", "out_dir
 REQUIRED_FIELDS: tuple[str, ...] = ("train_h5", "val_h5", "feature_schema", "out_dir")
 
 
+# The pipeline's training budget (the Dagster training assets and the gate calibration use it):
+# at most 10 epochs with patience 3 so the default job finishes in minutes on 2 CPU cores, train
+# samples shuffled per epoch (validation and test stay chronological), batch 256 for the MLP.
+PIPELINE_TRAINING: dict[str, Any] = {"epochs": 10, "patience": 3, "shuffle": True}
+PIPELINE_BATCH_SIZES: dict[str, int] = {"mlp_two_head": 256}
+
+
 class ConfigError(ValueError):
     """A training configuration is invalid (unknown key, bad value, missing required path)."""
 
