@@ -330,3 +330,48 @@ def test_empty_and_single_bar_symbols():
     assert len(q.flags) == 0 and q.report["n_bars_flagged"] == 0
     one = walk("S", business_days("2020-01-06", 1), 1)
     assert assess_bars(one).report["n_bars_flagged"] == 0
+
+
+# -- UI metadata (the Dagster layer) ------------------------------------------------------------
+def test_ui_metadata_of_the_quality_report_and_label_stats(planted):
+    import dagster as dg
+
+    from sentinel_pipeline.data.labels import LabelConfig, label_dataset
+    from sentinel_pipeline.data_half import DataHalfConfig
+    from sentinel_pipeline.orchestration.data_assets import (
+        DataHalfSettings,
+        label_quirk_metadata,
+        quality_metadata,
+    )
+
+    # the resource's defaults are the stage defaults, quirk settings included
+    assert DataHalfSettings().to_config() == DataHalfConfig()
+    custom = DataHalfSettings(split_at_hole_bars=250, hole_bars=30, protect_labels_from=["hole"], target_clip_atr=None)
+    cfg = custom.to_config()
+    assert cfg.ingest.quality.split_at_hole_bars == 250 and cfg.ingest.quality.hole_bars == 30
+    assert cfg.labels.protect_from == ("hole",) and cfg.labels.target_clip_atr is None
+
+    bars, _, q = planted
+    md = quality_metadata(q.report)
+    assert (md["quirk_jumps"], md["quirk_spikes"], md["quirk_holes"]) == (1, 1, 1)
+    assert (md["quirk_zero_volume_runs"], md["quirk_flat_runs"], md["quirk_zero_volume_bars"]) == (1, 1, 5)
+    assert md["quirk_longest_hole_bars"] == round(q.report["holes"]["longest_missed_bars"], 1)
+    table = md["quirk_examples"]
+    assert isinstance(table, dg.MarkdownMetadataValue)
+    text = table.value
+    assert text.startswith("| kind | symbol | timestamp | value | detail |")
+    assert "like a 7:1 split" in text and "| spike (low) | A_SPIKE |" in text and "| 0.01 |" in text
+    assert "| hole | E_HOLE |" in text and "| zero-volume run | C_ZEROVOL |" in text
+    assert all(line.count("|") == 6 for line in text.splitlines())  # no stray pipes in the cells
+    thresholds = md["quirk_thresholds"].value.splitlines()
+    assert "| split at hole bars >= | off |" in thresholds  # split_at_hole_bars is off by default
+    assert len(thresholds) == 8 and all(line.count("|") == 3 for line in thresholds)
+    assert quality_metadata({}) == {}
+
+    labelled, stats = label_dataset(bars.assign(atr=bars["close"] * 0.01), LabelConfig(), q.flags["quirks"].to_numpy())
+    lmd = label_quirk_metadata(stats)
+    assert lmd["ineligible_quirk_total"] == stats["quirk_protection"]["n_ineligible_quirk_total"] > 0
+    assert "| hole |" in lmd["ineligible_by_quirk"].value and lmd["target_clip_atr"] == 20.0
+    clipped = lmd["targets_clipped"].value.splitlines()
+    assert clipped[0] == "| target | clipped | max abs before clip |" and len(clipped) == 2 + 4
+    assert all(line.count("|") == 4 for line in clipped)  # no stray pipes in the cells
