@@ -88,7 +88,7 @@ def run_raw_bars(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         files = raw_input_files(paths, cfg)
         result = raw_bars.load_raw_bars(paths.raw_dir, cfg.ingest)
-        raw_bars.write_ingest_result(result, paths.bars, paths.quarantine, paths.quality_report)
+        raw_bars.write_ingest_result(result, paths.bars, paths.quarantine, paths.quality_report, paths.bar_flags)
         raw_bars.enforce_quarantine_limit(result, cfg.ingest)
         return {"report": result.report, "input_files": [str(f) for f in files]}
 
@@ -138,7 +138,10 @@ def run_labels(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         # label_dataset sees only the columns it reads; its label columns are then appended to the
         # features one row group at a time: the file is the one label_dataset(whole frame) would give
         # written by write_parquet, but the feature columns are never all in memory
-        labelled, stats = labels.label_dataset(_read_frame(paths.features, list(labels.REQUIRED_COLUMNS)), cfg.labels)
+        frame = _read_frame(paths.features, list(labels.REQUIRED_COLUMNS))
+        quirks = _bar_quirks(paths, frame)
+        labelled, stats = labels.label_dataset(frame, cfg.labels, quirks)
+        del frame
         new = labelled[labels.label_columns(cfg.labels)]
         del labelled
         features = pq.ParquetFile(paths.features, memory_map=True)
@@ -151,6 +154,22 @@ def run_labels(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(added.num_rows)}
 
     return _timed(go)
+
+
+def _bar_quirks(paths: ArtifactPaths, features: pd.DataFrame) -> Any:
+    """The raw stage's per-bar quirk bits (``bar_flags.parquet``), checked to be the features' rows."""
+    if not paths.bar_flags.is_file():
+        raise ValueError(f"{paths.bar_flags}: bar flags of the raw stage are missing; rebuild raw_bars")
+    flags = _read_frame(paths.bar_flags, ["timestamp", "quirks"])
+    same = len(flags) == len(features) and bool(
+        (labels.timestamps_ns(flags["timestamp"]) == labels.timestamps_ns(features["timestamp"])).all()
+    )
+    if not same:
+        raise ValueError(
+            f"{paths.bar_flags}: bar flags ({len(flags)} rows) are not the rows of {paths.features} "
+            f"({len(features)} rows); rebuild raw_bars and features"
+        )
+    return flags["quirks"].to_numpy()
 
 
 def _append_columns(source: pq.ParquetFile, added: pa.Table, schema: pa.Schema, path: Path) -> None:

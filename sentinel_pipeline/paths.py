@@ -46,6 +46,10 @@ class ArtifactPaths:
     def quality_report(self) -> Path:
         return self.raw_bars_dir / "quality_report.json"
 
+    @property
+    def bar_flags(self) -> Path:
+        return self.raw_bars_dir / "bar_flags.parquet"
+
     # stage 2: features + contract
     @property
     def features_dir(self) -> Path:

@@ -40,6 +40,13 @@ def summarise(paths: ArtifactPaths) -> list[str]:
     if paths.quality_report.exists():
         q = json.loads(paths.quality_report.read_text())
         lines.append(f"  quarantine   {q.get('n_quarantined')} of {q.get('n_rows_in')} rows -> {paths.quarantine}")
+        bq = q.get("bar_quality")
+        if bq:
+            lines.append(
+                f"  bar quirks   {bq['jumps']['n']} jumps, {bq['spikes']['n']} spikes, "
+                f"{bq['zero_volume_runs']['n_runs']} zero-volume runs, {bq['flat_runs']['n_runs']} flat runs, "
+                f"{bq['holes']['n']} holes (flagged, not dropped) -> {paths.bar_flags}"
+            )
     lines.append(f"  splits       {', '.join(str(paths.h5(s)) for s in SPLITS)}")
     bundles = list_bundles(paths.models_dir) if paths.models_dir.exists() else []
     lines.append(f"bundles ({paths.models_dir}): {len(bundles)}")

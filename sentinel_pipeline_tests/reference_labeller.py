@@ -1,8 +1,10 @@
 """A slow, obviously-correct reference for ``sentinel_pipeline.data.labels``: one event at a time.
 
-Written independently of the numba kernel (it shares only ``LabelConfig``): for each requested row it
-takes the row's symbol as a pandas frame, slices the future bars with ``iloc`` and applies the rules of
-docs/architecture.md "Stage 3" literally. The tests compare ``label_dataset`` with it, and
+Written independently of the numba kernel (it shares only ``LabelConfig`` and the quirk bit values):
+for each requested row it takes the row's symbol as a pandas frame, slices the future bars with
+``iloc`` and applies the rules of docs/architecture.md "Stage 3" literally, including the bar-quirk
+rule (a window meeting a protected quirk is ineligible) and the clipping of ATR-unit targets. Bar
+quirks come from an optional ``quirks`` column of the frame. The tests compare ``label_dataset`` with it, and
 ``bench/bench_labels.py`` times it as the baseline.
 """
 
@@ -14,7 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from sentinel_pipeline.data.labels import LabelConfig
+from sentinel_pipeline.data.bar_quality import QUIRK_BITS
+from sentinel_pipeline.data.labels import LABEL_CLIPPED, LabelConfig
+
+BAR_LEVEL = ("spike", "zero_volume_run", "flat_run")  # properties of a bar: the entry bar counts too
+STEP_LEVEL = ("jump", "hole")  # properties of the step into a bar: only the future bars count
 
 
 def _ineligible(config: LabelConfig) -> dict[str, object]:
@@ -33,7 +39,23 @@ def _ineligible(config: LabelConfig) -> dict[str, object]:
     row[f"mae_{e}"] = math.nan
     row["early_move"] = math.nan
     row["label_eligible"] = False
+    row["label_quirks"] = 0
     return row
+
+
+def _met_quirks(bars: pd.DataFrame, pos: int, window: int) -> int:
+    """The quirk bits that the window of the bar at ``pos`` meets (bars up to ``pos + window`` that exist)."""
+    if "quirks" not in bars.columns:
+        return 0
+    q = [int(x) for x in bars["quirks"].iloc[pos : pos + 1 + window]]
+    met = 0
+    for kind in BAR_LEVEL:
+        if any(x & QUIRK_BITS[kind] for x in q):
+            met |= QUIRK_BITS[kind]
+    for kind in STEP_LEVEL:
+        if any(x & QUIRK_BITS[kind] for x in q[1:]):
+            met |= QUIRK_BITS[kind]
+    return met
 
 
 def reference_label_event(bars: pd.DataFrame, pos: int, config: LabelConfig) -> dict[str, object]:
@@ -42,8 +64,12 @@ def reference_label_event(bars: pd.DataFrame, pos: int, config: LabelConfig) -> 
     future = bars.iloc[pos + 1 : pos + 1 + window]
     c = float(bars["close"].iat[pos])
     a = float(bars["atr"].iat[pos])
-    if len(future) < window or not (math.isfinite(a) and a > 0):
-        return _ineligible(config)
+    met = _met_quirks(bars, pos, window)
+    protected = any(met & QUIRK_BITS[kind] for kind in config.protect_from)
+    if len(future) < window or not (math.isfinite(a) and a > 0) or protected:
+        row = _ineligible(config)
+        row["label_quirks"] = met
+        return row
 
     row: dict[str, object] = {}
     upper = c + config.pt * a
@@ -82,10 +108,16 @@ def reference_label_event(bars: pd.DataFrame, pos: int, config: LabelConfig) -> 
     near = future.iloc[:e]
     mfe = max(float(near["high"].max()) - c, 0.0) / a
     mae = max(c - float(near["low"].min()), 0.0) / a
+    bound = config.target_clip_atr
+    if bound is not None and (mfe > bound or mae > bound or abs(float(row["tb_return_atr"])) > bound):
+        met |= LABEL_CLIPPED
+        mfe, mae = min(mfe, bound), min(mae, bound)
+        row["tb_return_atr"] = max(-bound, min(bound, float(row["tb_return_atr"])))
     row[f"mfe_{e}"] = mfe
     row[f"mae_{e}"] = mae
     row["early_move"] = mfe - mae
     row["label_eligible"] = True
+    row["label_quirks"] = met
     return row
 
 
@@ -111,4 +143,5 @@ def reference_label_dataset(
     out["tb_bars_to_touch"] = out["tb_bars_to_touch"].astype("int32")
     out["tb_touch_time"] = pd.to_datetime(out["tb_touch_time"], utc=True).astype(df["timestamp"].dtype)
     out["label_eligible"] = out["label_eligible"].astype(bool)
+    out["label_quirks"] = out["label_quirks"].astype("uint8")
     return out

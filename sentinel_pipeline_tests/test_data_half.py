@@ -97,7 +97,7 @@ def frames(built: tuple[ArtifactPaths, dict]) -> dict[str, pd.DataFrame]:
 
 def _artefacts(paths: ArtifactPaths) -> list[Path]:
     files = [
-        paths.bars, paths.quarantine, paths.quality_report, paths.feature_contract, paths.feature_schema,
+        paths.bars, paths.quarantine, paths.quality_report, paths.bar_flags, paths.feature_contract, paths.feature_schema,
         paths.features, paths.labelled_dataset, paths.split_assignment, paths.split_summary,
         paths.seq_scaler, paths.snap_scaler, paths.scalers_info,
     ]

@@ -5,7 +5,8 @@ HDF5 -> Arrow cache on each real file on its own (daily S&P 500 panel, 619k rows
 hourly US equities 1998-2021, 225k rows x 6 symbols). Real feeds carry holidays, half sessions,
 unadjusted corporate-action jumps (splits of AAPL, reverse splits of VXX) and broken OHLC rows (23 in
 the daily panel); none of that may crash a stage, and the quarantine must explain every raw row that
-did not become a bar. Each file is processed whole (no subsampling): about 10 s for the daily panel on
+did not become a bar. The quirks that pass the row checks (jumps, spikes, holes) are flagged, no
+eligible label window may contain one, and ATR-unit targets stay within the clip. Each file is processed whole (no subsampling): about 10 s for the daily panel on
 two cores, 3 s for the hourly file.
 """
 
@@ -148,3 +149,49 @@ def test_hdf5_and_arrow_match_and_sample_windows_are_finite(run):
         first = ends - (arrays.seq_len - 1)
         assert (arrays.symbol_idx[first] == arrays.symbol_idx[ends]).all()
 
+
+
+# the largest |early_move| (ATR units) among eligible rows before bar quirks were protected and
+# targets clipped: a bad tick's row (XL, 2015-08-18, the flash-crash low of 5.40 six bars later) and
+# AIG's bars around its 1:20 reverse split in 2009
+UNPROTECTED_MAX_EARLY_MOVE = {"daily_equities_panel.parquet": 64.3, "intraday_equities_h1.parquet": 637.0}
+
+
+def _window_any(flag: pd.Series, symbol: pd.Series, window: int, *, include_entry: bool) -> np.ndarray:
+    """Per row: any ``flag`` among the row's next ``window`` bars of its symbol (and the row itself when
+    ``include_entry``); plain pandas, independent of the labeller."""
+    f = flag.astype(float)
+    if not include_entry:
+        f = f.groupby(symbol).shift(-1).fillna(0.0)
+    span = window + 1 if include_entry else window
+    rev = f.iloc[::-1].groupby(symbol.iloc[::-1]).rolling(span, min_periods=1).max()
+    return (rev.reset_index(level=0, drop=True).sort_index().to_numpy() > 0)
+
+
+def test_labels_are_protected_from_flagged_quirks_and_bounded(run):
+    source, paths, results, _ = run
+    report = json.loads(paths.quality_report.read_text())
+    assert "bar_quality" in report
+    flags = pd.read_parquet(paths.bar_flags)
+    ds = pd.read_parquet(paths.labelled_dataset, columns=["symbol", "timestamp", "label_eligible", "early_move",
+                                                          "mfe_6", "mae_6", "tb_return_atr", "label_quirks"])
+    assert len(flags) == len(ds) and (flags["timestamp"] == ds["timestamp"]).all()
+    elig = ds["label_eligible"].to_numpy()
+    # no eligible label window holds a flagged jump or hole after the entry, or a spike from the entry on
+    for column, entry in (("jump", False), ("after_hole", False), ("spike", True)):
+        met = _window_any(flags[column], ds["symbol"], LABEL_WINDOW, include_entry=entry)
+        assert not (elig & met).any(), f"{source.name}: eligible label window meets a flagged {column}"
+    stats = results["labels"]["stats"]
+    blocked = stats["quirk_protection"]["n_ineligible_quirk_total"]
+    assert blocked > 0 and blocked < 0.01 * len(ds)  # a few hundred rows, not a share of the data
+    # ATR-unit targets are bounded by the clip, and even before clipping far below the unprotected max
+    bound = CONFIG.labels.target_clip_atr
+    targets = ds.loc[elig, ["early_move", "mfe_6", "mae_6", "tb_return_atr"]].abs().to_numpy()
+    assert np.nanmax(targets) <= bound
+    clip = stats["target_clip"]
+    assert clip["max_abs_before_clip"]["early_move"] < UNPROTECTED_MAX_EARLY_MOVE[source.name] / 1.3
+    assert 0 < clip["n_rows_clipped"] < 0.001 * len(ds)
+    assert int(((ds["label_quirks"].to_numpy() & 128) != 0).sum()) == clip["n_rows_clipped"]
+    if source.name == "daily_equities_panel.parquet":
+        xl = ds[(ds["symbol"] == "XL") & (ds["timestamp"] == pd.Timestamp("2015-08-18", tz="UTC"))]
+        assert not xl["label_eligible"].iloc[0] and np.isnan(xl["early_move"].iloc[0])

@@ -7,8 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from sentinel_pipeline.data.bar_quality import QUIRK_BITS, BarQualityConfig, assess_bars
 from sentinel_pipeline.data.labels import (
+    LABEL_CLIPPED,
     LabelConfig,
     label_columns,
     label_dataset,
@@ -217,6 +221,7 @@ def test_output_frame_contract_and_stats() -> None:
     np.testing.assert_array_equal(out["extra"].to_numpy(), df["extra"].to_numpy())
     assert out["tb_label"].dtype == np.int8 and out["tb_bars_to_touch"].dtype == np.int32
     assert out["tb_both_touched"].dtype == bool and out["label_eligible"].dtype == bool
+    assert out["label_quirks"].dtype == np.uint8
     assert out["tb_touch_time"].dtype == df["timestamp"].dtype
     assert target_columns(config) == list(TARGET_NAMES)
 
@@ -294,3 +299,172 @@ def test_real_fx_bars_match_reference(shared_data_dir) -> None:
     rows = np.random.default_rng(0).choice(len(bars), size=400, replace=False)
     rows = np.sort(np.concatenate([rows, np.arange(len(bars) - 25, len(bars))]))
     assert_matches_reference(out, reference_label_dataset(bars, config, rows=rows), rows=rows)
+
+
+# -- bar quirks and clipped targets ----------------------------------------------------------------
+
+QUIRK_CONFIGS = [
+    LabelConfig(),
+    LabelConfig(pt=1.0, sl=2.0, horizon=5, fwd_horizons=(1, 3), excursion_bars=6, protect_from=("hole",),
+                target_clip_atr=2.5),
+    LabelConfig(pt=2.5, sl=0.7, horizon=12, fwd_horizons=(2, 12, 15), excursion_bars=4,
+                protect_from=("jump", "spike", "hole", "flat_run", "zero_volume_run"), target_clip_atr=None),
+    LabelConfig(pt=0.5, sl=0.5, horizon=1, fwd_horizons=(1,), excursion_bars=1, protect_from=(),
+                target_clip_atr=0.8),
+]
+
+
+def random_quirks(rng: np.random.Generator, n: int, rate: float = 0.02) -> np.ndarray:
+    q = np.zeros(n, dtype=np.uint8)
+    for bit in QUIRK_BITS.values():
+        q[rng.random(n) < rate] |= bit
+    return q
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_quirks_and_clipping_match_reference(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    config = QUIRK_CONFIGS[seed % len(QUIRK_CONFIGS)]
+    lengths = [int(x) for x in rng.integers(1, 120, size=4)] + [label_window_bars(config) + 1]
+    df = random_panel(rng, lengths, both_rate=0.03)
+    quirks = random_quirks(rng, len(df))
+    out, stats = label_dataset(df, config, quirks)
+    ref = reference_label_dataset(df.assign(quirks=quirks), config)
+    assert_matches_reference(out, ref)
+    assert stats["quirks_given"] and stats["n_eligible"] == int(out["label_eligible"].sum())
+    prot = stats["quirk_protection"]
+    assert prot["protect_from"] == list(config.protect_from)
+    if config.protect_from:
+        assert prot["n_ineligible_quirk_total"] > 0  # the random flags do block some windows
+    # the same panel without quirks: exactly the blocked rows lose their label
+    plain, plain_stats = label_dataset(df, config)
+    lost = plain["label_eligible"] & ~out["label_eligible"]
+    assert int(lost.sum()) == prot["n_ineligible_quirk_total"]
+    assert not (out["label_eligible"] & ~plain["label_eligible"]).any()
+    assert plain_stats["quirk_protection"]["n_ineligible_quirk_total"] == 0 and not plain_stats["quirks_given"]
+
+
+def test_window_quirk_rule_by_hand() -> None:
+    # W = 3: row t's window is bars t+1..t+3 for jumps/holes and t..t+3 for spikes and runs
+    config = LabelConfig(pt=1.0, sl=1.0, horizon=3, fwd_horizons=(1,), excursion_bars=2)
+    df = bars_frame("A", [100.0] * 12, [100.5] * 12, [99.5] * 12)
+    quirks = np.zeros(12, dtype=np.uint8)
+    quirks[5] = QUIRK_BITS["hole"]  # the step from bar 4 into bar 5
+    quirks[9] = QUIRK_BITS["spike"]
+    out, stats = label_dataset(df, config, quirks)
+    elig = out["label_eligible"].to_numpy()
+    # hole at 5 blocks rows 2, 3, 4 (not 5: its window starts after the hole); spike at 9 blocks 6..9
+    # (9 and later lack a full window anyway: rows 9, 10, 11)
+    assert np.flatnonzero(elig).tolist() == [0, 1, 5]
+    assert stats["quirk_protection"]["n_ineligible_by_quirk"] == {"jump": 0, "spike": 3, "hole": 3}
+    assert stats["quirk_protection"]["n_ineligible_quirk_total"] == 6
+    lq = out["label_quirks"].to_numpy()
+    assert lq[2] == lq[4] == QUIRK_BITS["hole"] and lq[5] == 0 and lq[6] == QUIRK_BITS["spike"]
+    assert lq[9] == QUIRK_BITS["spike"] and lq[10] == 0  # bar quirks count on the entry bar too
+    # the quirk stops at the symbol's end: another symbol's flags never reach into A
+    both = pd.concat([df, bars_frame("B", [50.0] * 4)], ignore_index=True)
+    q2 = np.concatenate([np.zeros(12, np.uint8), np.full(4, QUIRK_BITS["jump"], np.uint8)])
+    out2, _ = label_dataset(both, config, q2)
+    assert (out2["label_quirks"].iloc[:12] == 0).all()
+
+
+def test_flat_and_zero_volume_runs_block_only_when_asked() -> None:
+    config = LabelConfig(pt=1.0, sl=1.0, horizon=3, fwd_horizons=(1,), excursion_bars=2)
+    df = bars_frame("A", [100.0] * 10, [100.5] * 10, [99.5] * 10)
+    quirks = np.zeros(10, dtype=np.uint8)
+    quirks[4] = QUIRK_BITS["flat_run"] | QUIRK_BITS["zero_volume_run"]
+    default, _ = label_dataset(df, config, quirks)
+    assert default["label_eligible"].sum() == 7  # only the last window_bars rows
+    strict, st = label_dataset(df, LabelConfig(pt=1.0, sl=1.0, horizon=3, fwd_horizons=(1,), excursion_bars=2,
+                                               protect_from=("flat_run",)), quirks)
+    assert np.flatnonzero(strict["label_eligible"]).tolist() == [0, 5, 6]
+    assert st["quirk_protection"]["n_ineligible_by_quirk"] == {"flat_run": 4}
+
+
+def test_bad_tick_target_is_protected_or_clipped() -> None:
+    close = np.full(60, 50.0)
+    high, low = close + 0.25, close - 0.25
+    low[30] = 0.01  # a bad tick: 50 ATR below the entry of the rows before it
+    df = bars_frame("A", close, high, low, atr=1.0)
+    quirks = np.zeros(60, dtype=np.uint8)
+    quirks[30] = QUIRK_BITS["spike"]
+    # default: every row whose window (t .. t+20) holds the spike is ineligible, the others are untouched
+    out, stats = label_dataset(df, LabelConfig(), quirks)
+    assert np.flatnonzero(out["label_eligible"]).tolist() == [*range(10), *range(31, 40)]
+    assert stats["quirk_protection"]["n_ineligible_by_quirk"]["spike"] == 21
+    assert np.nanmax(np.abs(out["early_move"])) <= 0.25
+    # without protection the target is winsorised at the bound, and counted
+    bound = 20.0
+    loose = LabelConfig(protect_from=(), target_clip_atr=bound)
+    out2, st2 = label_dataset(df, loose, quirks)
+    assert np.nanmax(out2["mae_6"]) == bound and np.nanmin(out2["early_move"]) == pytest.approx(0.25 - bound)
+    assert np.nanmax(np.abs(out2[["mfe_6", "mae_6", "early_move", "tb_return_atr"]].to_numpy())) <= bound
+    clipped = (out2["label_quirks"].to_numpy() & LABEL_CLIPPED) != 0
+    # the rows whose first 6 bars hold the tick: 24..29
+    assert np.flatnonzero(clipped).tolist() == list(range(24, 30))
+    assert clipped.sum() == st2["target_clip"]["n_rows_clipped"] == st2["target_clip"]["n_clipped"]["mae_6"] == 6
+    assert st2["target_clip"]["max_abs_before_clip"]["mae_6"] == pytest.approx(49.99)
+    assert st2["target_clip"]["max_abs_before_clip"]["early_move"] == pytest.approx(49.99 - 0.25)
+    assert out2.loc[clipped, "label_eligible"].all()  # clipped rows keep their label
+    np.testing.assert_allclose(out2["early_move"], out2["mfe_6"] - out2["mae_6"], equal_nan=True)
+    # neither: the raw target the issue saw
+    out3, st3 = label_dataset(df, LabelConfig(protect_from=(), target_clip_atr=None), quirks)
+    assert np.nanmax(np.abs(out3["early_move"])) == pytest.approx(49.74) and st3["target_clip"]["n_rows_clipped"] == 0
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=80), min_size=1, max_size=4),
+    gaps=st.lists(st.integers(min_value=1, max_value=400), min_size=0, max_size=6),
+    window=st.integers(min_value=1, max_value=12),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_no_eligible_label_window_spans_a_hole(lengths, gaps, window, seed) -> None:
+    """Daily bars with holes of random length at random places: after the raw stage's flags, no
+    eligible row has a long hole between its entry and the last bar of its label window."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for s, n in enumerate(lengths):
+        steps = np.ones(n, dtype=np.int64)
+        for g in gaps:
+            steps[rng.integers(0, n)] += g  # business days skipped before that bar
+        days = pd.Timestamp("2001-01-01") + pd.offsets.BDay(0)
+        ts = pd.DatetimeIndex([days + pd.offsets.BDay(int(k)) for k in np.cumsum(steps)]).tz_localize("UTC")
+        close = 20.0 * (s + 1) * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+        frames.append(pd.DataFrame({"symbol": f"S{s}", "timestamp": ts, "open": close, "high": close * 1.01,
+                                    "low": close * 0.99, "close": close, "volume": 100.0}))
+    bars = pd.concat(frames, ignore_index=True)
+    flags = assess_bars(bars, BarQualityConfig(hole_bars=5)).flags
+    df = bars.assign(atr=bars["close"] * 0.02)
+    config = LabelConfig(horizon=window, fwd_horizons=(1,), excursion_bars=1)
+    out, stats = label_dataset(df, config, flags["quirks"].to_numpy())
+    w = label_window_bars(config)
+    hole = flags["after_hole"].to_numpy()
+    sym = bars["symbol"].to_numpy()
+    for i in np.flatnonzero(out["label_eligible"].to_numpy()):
+        j = np.arange(i + 1, i + w + 1)
+        assert (sym[j] == sym[i]).all()
+        assert not hole[j].any(), f"row {i}: label window crosses a hole"
+    # and exactly the rows with a full window that holds a hole lost their label to it
+    pos = bars.groupby("symbol").cumcount().to_numpy()
+    size = bars.groupby("symbol")["symbol"].transform("size").to_numpy()
+    full = pos + w < size
+    spans = np.array([full[i] and hole[i + 1 : i + w + 1].any() for i in range(len(bars))], dtype=bool)
+    assert stats["quirk_protection"]["n_ineligible_by_quirk"]["hole"] == int(spans.sum())
+    np.testing.assert_array_equal(out["label_eligible"].to_numpy(), full & ~spans)
+
+
+def test_quirk_config_validation_and_params() -> None:
+    with pytest.raises(ValueError, match="protect_from"):
+        LabelConfig(protect_from=("gap",))
+    with pytest.raises(ValueError, match="protect_from"):
+        LabelConfig(protect_from=("hole", "hole"))
+    with pytest.raises(ValueError, match="target_clip_atr"):
+        LabelConfig(target_clip_atr=0.0)
+    with pytest.raises(ValueError, match="at least max\\(pt, sl\\)"):
+        LabelConfig(pt=3.0, target_clip_atr=2.0)
+    assert LabelConfig(protect_from=["hole", "jump"]).protect_from == ("jump", "hole")  # canonical order
+    params = json.loads(json.dumps(label_params(LabelConfig())))
+    assert params["protect_from"] == ["jump", "spike", "hole"] and params["target_clip_atr"] == 20.0
+    with pytest.raises(ValueError, match="one bit mask per row"):
+        label_dataset(bars_frame("A", [1.0, 2.0]), CFG, np.zeros(3, np.uint8))

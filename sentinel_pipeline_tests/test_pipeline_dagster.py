@@ -188,6 +188,13 @@ def test_full_graph_materialises_every_asset_passes_every_check_with_metadata(go
     with h5py.File(home.paths.h5("train"), "r") as f:
         assert f.attrs["feature_contract_hash"] == contract_hash
 
+    # bar quirks: none on the synthetic market, shown as zero counts; labels neither blocked nor clipped
+    raw_md, label_md = mats["raw_bars"], mats["labelled_dataset"]
+    assert raw_md["quirk_bars_flagged"] == raw_md["quirk_jumps"] == raw_md["quirk_holes"] == 0
+    assert raw_md["quirk_examples"] == "_(empty)_"  # the table of examples has no rows
+    assert label_md["ineligible_quirk_total"] == 0 and label_md["rows_clipped"] == 0
+    assert label_md["target_clip_atr"] == 20.0
+
     # label balance: table in the UI and the check's numbers
     assert "| tb_label | fraction |" in mats["labelled_dataset"]["class_balance"]
     balance = raw_metadata(evaluations["labelled_dataset:label_balance_sanity"].metadata)

@@ -8,9 +8,16 @@ with the columns ``symbol, timestamp, open, high, low, close, volume`` and retur
   ``RangeIndex`` (unsorted input is sorted, never rejected);
 - ``quarantine``: every rejected row with the raw columns (``timestamp`` null when unparseable),
   ``source_file``, ``source_row`` (0-based row number in its file) and ``reason``;
-- ``report``: a JSON-able summary (counts per reason, per file, per symbol, time range).
+- ``report``: a JSON-able summary (counts per reason, per file, per symbol, time range) with, under
+  ``bar_quality``, the quirks of the good bars that no row check catches (jumps, spikes, zero-volume
+  and flat runs, long holes; ``sentinel_pipeline.data.bar_quality``);
+- ``flags``: one row per bar (same order) saying which of those quirks it carries; the label stage
+  keeps label windows off them. The bars themselves stay: they are real, only flagged.
 
-Nothing is dropped silently: ``n_rows_in == n_rows_out + n_quarantined`` always.
+Nothing is dropped silently: ``n_rows_in == n_rows_out + n_quarantined`` always. With
+``IngestConfig.quality.split_at_hole_bars`` set, the bars after each long hole of a symbol are renamed
+``<symbol>~2``, ``<symbol>~3``, ... (and re-sorted), so that no later stage treats the two sides of the
+hole as one series; without it (the default) symbols are as in the files.
 
 Timestamps: tz-aware values are converted to UTC; tz-naive values (and dates) are taken as UTC and
 counted in ``n_tz_naive_rows``; strings are parsed as ISO 8601 (an offset or ``Z`` makes them
@@ -38,7 +45,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
+from sentinel_pipeline.data import bar_quality
 
 RAW_COLUMNS: tuple[str, ...] = ("symbol", "timestamp", "open", "high", "low", "close", "volume")
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
@@ -83,9 +91,11 @@ class QuarantineLimitError(RawDataError):
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """``max_quarantine_fraction``: the largest share of input rows that may be quarantined."""
+    """``max_quarantine_fraction``: the largest share of input rows that may be quarantined;
+    ``quality``: the thresholds of the bar-quality flags (and the optional split at long holes)."""
 
     max_quarantine_fraction: float = 0.05
+    quality: bar_quality.BarQualityConfig = field(default_factory=bar_quality.BarQualityConfig)
 
 
 @dataclass
@@ -93,6 +103,7 @@ class IngestResult:
     bars: pd.DataFrame
     quarantine: pd.DataFrame
     report: dict[str, Any]
+    flags: pd.DataFrame | None = None  # bar_quality.FLAG_COLUMNS, one row per bar
 
 
 @dataclass
@@ -378,7 +389,20 @@ def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> In
             for name, rows, nq in zip(file_names, rows_per_file, q_per_file, strict=True)
         ],
     }
-    return IngestResult(bars=bars, quarantine=quarantine, report=report)
+    quality = bar_quality.assess_bars(bars, cfg.quality)
+    flags = quality.flags
+    if cfg.quality.split_at_hole_bars is not None:
+        try:
+            bars, flags = bar_quality.apply_segments(bars, flags, quality.segment)
+        except ValueError as exc:
+            raise RawDataError(f"{raw_dir}: cannot split symbols at long holes: {exc}") from exc
+        if quality.segment.any():
+            counts = bars["symbol"].value_counts()
+            report["n_symbols"] = int(counts.size)
+            report["rows_per_symbol_min"] = int(counts.min())
+            report["rows_per_symbol_max"] = int(counts.max())
+    report["bar_quality"] = quality.report
+    return IngestResult(bars=bars, quarantine=quarantine, report=report, flags=flags)
 
 
 def enforce_quarantine_limit(result: IngestResult, config: IngestConfig | None = None) -> None:
@@ -497,9 +521,18 @@ def iter_row_groups(source: pq.ParquetFile, columns: list[str] | None = None) ->
 
 
 def write_ingest_result(
-    result: IngestResult, bars_path: str | Path, quarantine_path: str | Path, report_path: str | Path
+    result: IngestResult,
+    bars_path: str | Path,
+    quarantine_path: str | Path,
+    report_path: str | Path,
+    flags_path: str | Path | None = None,
 ) -> None:
-    """Write bars and quarantine as parquet (:func:`write_parquet`) and the report as JSON, each atomically."""
+    """Write bars, quarantine and (when ``flags_path`` is given) the bar flags as parquet
+    (:func:`write_parquet`) and the report as JSON, each atomically."""
     write_parquet(result.bars, bars_path)
     write_parquet(result.quarantine, quarantine_path)
+    if flags_path is not None:
+        if result.flags is None:
+            raise ValueError(f"{flags_path}: the ingest result has no bar flags to write")
+        write_parquet(result.flags, flags_path)
     write_json_atomic(report_path, result.report)

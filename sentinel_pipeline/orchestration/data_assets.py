@@ -16,6 +16,7 @@ import dagster as dg
 from sentinel_pipeline import data_half
 from sentinel_pipeline.data import labels as labels_mod
 from sentinel_pipeline.data import raw_bars as raw_mod
+from sentinel_pipeline.data.bar_quality import BarQualityConfig
 from sentinel_pipeline.data.features import FeatureConfig
 from sentinel_pipeline.data.splits import SplitConfig
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
@@ -38,6 +39,13 @@ class DataHalfSettings(dg.ConfigurableResource):
     # ingest
     max_quarantine_fraction: float = 0.05
     generate_default_when_empty: bool = True
+    # bar-quality flags (sentinel_pipeline.data.bar_quality); split_at_hole_bars: None keeps symbols whole
+    jump_log_return: float = 0.35
+    spike_log_excess: float = 0.25
+    zero_volume_run_bars: int = 3
+    flat_run_bars: int = 3
+    hole_bars: int = 20
+    split_at_hole_bars: int | None = None
     # embedded synthetic default market (used only when the raw directory holds no parquet)
     synthetic_seed: int = SyntheticMarketConfig.seed
     synthetic_n_symbols: int = SyntheticMarketConfig.n_symbols
@@ -50,6 +58,8 @@ class DataHalfSettings(dg.ConfigurableResource):
     pt: float = 1.5
     sl: float = 1.5
     horizon: int = 20
+    protect_labels_from: list[str] = list(labels_mod.DEFAULT_PROTECT_FROM)
+    target_clip_atr: float | None = 20.0
     # splits
     train_frac: float = 0.70
     val_frac: float = 0.15
@@ -66,11 +76,27 @@ class DataHalfSettings(dg.ConfigurableResource):
         if self.signal_strength is not None:
             synth_kwargs["signal_strength"] = self.signal_strength
         return data_half.DataHalfConfig(
-            ingest=raw_mod.IngestConfig(max_quarantine_fraction=self.max_quarantine_fraction),
+            ingest=raw_mod.IngestConfig(
+                max_quarantine_fraction=self.max_quarantine_fraction,
+                quality=BarQualityConfig(
+                    jump_log_return=self.jump_log_return,
+                    spike_log_excess=self.spike_log_excess,
+                    zero_volume_run_bars=self.zero_volume_run_bars,
+                    flat_run_bars=self.flat_run_bars,
+                    hole_bars=self.hole_bars,
+                    split_at_hole_bars=self.split_at_hole_bars,
+                ),
+            ),
             synthetic=SyntheticMarketConfig(**synth_kwargs),
             generate_default_when_empty=self.generate_default_when_empty,
             features=FeatureConfig(seq_len=self.seq_len, context_features=self.context_features),
-            labels=labels_mod.LabelConfig(pt=self.pt, sl=self.sl, horizon=self.horizon),
+            labels=labels_mod.LabelConfig(
+                pt=self.pt,
+                sl=self.sl,
+                horizon=self.horizon,
+                protect_from=tuple(self.protect_labels_from),
+                target_clip_atr=self.target_clip_atr,
+            ),
             splits=SplitConfig(
                 train_frac=self.train_frac,
                 val_frac=self.val_frac,
@@ -148,11 +174,59 @@ def raw_bars(context: dg.AssetExecutionContext, settings: PipelineSettings, data
             "time_min": str(r["time_min"]),
             "time_max": str(r["time_max"]),
             "files": md_table(r.get("files", [])),
+            **quality_metadata(r.get("bar_quality", {})),
             "size_mb": file_size_mb(paths.bars),
             "seconds": s.get("seconds", 0.0),
         }
 
     return run_stage(context, paths.raw_bars_dir, fp, build, ui)
+
+
+def quality_metadata(q: dict[str, Any]) -> dict[str, Any]:
+    """UI metadata of the raw stage's bar-quality report: counts, thresholds, a table of examples."""
+    if not q:
+        return {}
+    jumps, spikes, holes = q["jumps"], q["spikes"], q["holes"]
+    zero, flat, seg = q["zero_volume_runs"], q["flat_runs"], q["segments"]
+    rows: list[dict[str, Any]] = []
+    for e in jumps["examples"]:
+        detail = f"close {e['previous_close']:.4g} -> {e['close']:.4g}" + (
+            f", like a {e['split_like']} split" if e.get("split_like") else "")
+        rows.append({"kind": "jump", "symbol": e["symbol"], "timestamp": e["timestamp"],
+                     "value": round(e["log_return"], 3), "detail": detail})
+    for e in spikes["examples"]:
+        rows.append({"kind": f"spike ({e['side']})", "symbol": e["symbol"], "timestamp": e["timestamp"],
+                     "value": float(f"{e['value']:.4g}"), "detail": f"neighbours {e['neighbours']:.4g}"})
+    for kind, rep in (("zero-volume run", zero), ("flat run", flat)):
+        for e in rep["examples"]:
+            rows.append({"kind": kind, "symbol": e["symbol"], "timestamp": e["start"], "value": e["bars"],
+                         "detail": f"bars until {e['end']}"})
+    for e in holes["examples"]:
+        rows.append({"kind": "hole", "symbol": e["symbol"], "timestamp": e["timestamp"],
+                     "value": round(e["missed_bars"], 1),
+                     "detail": f"missed bars since {e['previous']} ({e['calendar_days']:.1f} days)"})
+    thresholds = {
+        "jump abs(log return) >": jumps["threshold_log_return"],
+        "spike log excess >=": spikes["threshold_log_excess"],
+        "zero-volume run bars >=": zero["min_run_bars"],
+        "flat run bars >=": flat["min_run_bars"],
+        "hole missed bars >=": holes["hole_bars"],
+        "split at hole bars >=": "off" if seg["split_at_hole_bars"] is None else seg["split_at_hole_bars"],
+    }
+    return {
+        "quirk_bars_flagged": int(q["n_bars_flagged"]),
+        "quirk_jumps": int(jumps["n"]),
+        "quirk_jumps_split_like": int(jumps["n_split_like"]),
+        "quirk_spikes": int(spikes["n"]),
+        "quirk_zero_volume_runs": int(zero["n_runs"]),
+        "quirk_zero_volume_bars": int(zero["n_bars"]),
+        "quirk_flat_runs": int(flat["n_runs"]),
+        "quirk_holes": int(holes["n"]),
+        "quirk_longest_hole_bars": round(float(holes["longest_missed_bars"] or 0.0), 1),
+        "quirk_segments_added": int(seg["n_segments_added"]),
+        "quirk_thresholds": md_kv_table(thresholds, "rule", "threshold"),
+        "quirk_examples": md_table(rows, ["kind", "symbol", "timestamp", "value", "detail"]),
+    }
 
 
 # -- 2. feature contract + features --------------------------------------------------------------------
@@ -214,11 +288,29 @@ def labelled_dataset(context: dg.AssetExecutionContext, settings: PipelineSettin
             "eligibility_rate": float(st["eligibility_rate"]),
             "class_balance": md_kv_table(st["class_balance"], "tb_label", "fraction"),
             "both_touched": st.get("n_both_touched", 0),
+            **label_quirk_metadata(st),
             "label_params": md_kv_table(s["label_params"], "param", "value"),
             "seconds": s.get("seconds", 0.0),
         }
 
     return run_stage(context, paths.labelled_dataset.parent, fp, lambda: data_half.run_labels(paths, cfg), ui)
+
+
+def label_quirk_metadata(st: dict[str, Any]) -> dict[str, Any]:
+    """UI metadata of the label stage's quirk protection and target clipping."""
+    prot, clip = st.get("quirk_protection"), st.get("target_clip")
+    if not prot or not clip:
+        return {}
+    rows = [{"target": k, "clipped": clip["n_clipped"][k],
+             "max abs before clip": "" if v is None else round(v, 2)}
+            for k, v in clip["max_abs_before_clip"].items()]
+    return {
+        "ineligible_by_quirk": md_kv_table(prot["n_ineligible_by_quirk"], "quirk in label window", "rows"),
+        "ineligible_quirk_total": int(prot["n_ineligible_quirk_total"]),
+        "target_clip_atr": "off" if clip["target_clip_atr"] is None else float(clip["target_clip_atr"]),
+        "rows_clipped": int(clip["n_rows_clipped"]),
+        "targets_clipped": md_table(rows, ["target", "clipped", "max abs before clip"]),
+    }
 
 
 # -- 4. splits -------------------------------------------------------------------------------------------
