@@ -231,7 +231,7 @@ class VerificationReport:
 
 # Directional-skill threshold: the HAC t that no-skill signals exceed in at most 5 % of draws on the
 # null market (measured by bench/calibrate_gate.py; see the README's calibration table).
-DEFAULT_MIN_DIRECTIONAL_T = 2.5
+DEFAULT_MIN_DIRECTIONAL_T = 3.0
 DEFAULT_MIN_MSE_T = 1.645
 
 

@@ -2,9 +2,13 @@
 validation metric beats a trivial baseline by more than its noise band; with ``signal_strength = 0``
 none does.
 
-Data: the data half (``run_data_half``) builds the synthetic default market twice, as shipped (seed 7,
-24 symbols x 252 days x 7 hourly bars, ``signal_strength`` 0.08) and identical but for
-``signal_strength = 0``. Nothing is shrunk. Validation split: 5,724 samples at 264 timestamps.
+Data: the data half (``run_data_half``) builds :data:`ACCEPTANCE_MARKET` twice, as configured (seed 7,
+24 symbols x 252 days x 7 hourly bars, ``signal_strength`` 0.08: the synthetic default before the
+verification gate needed a longer test split) and identical but for ``signal_strength = 0``. Nothing
+is shrunk. Validation split: 5,724 samples at 264 timestamps. These tests judge *learning* on the
+validation split with a weak signal; whether a bundle passes the verification gate (on the test
+split, with the default market) is measured by ``test_gate_calibration.py`` and
+``bench/calibrate_gate.py``.
 
 Training (``TRAIN``; the engine as shipped, only run settings differ from its defaults): 4 epochs,
 patience 2, one intra-op thread, batch 256, shuffled train samples, windows of 10 bars for the
@@ -56,7 +60,7 @@ and a fix turns them into failures to be unmarked.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -213,9 +217,12 @@ def classifier_comparisons(logits: np.ndarray, y_true: np.ndarray, timestamps: n
 # -- building and training ----------------------------------------------------------------------
 
 
+ACCEPTANCE_MARKET = SyntheticMarketConfig(seed=7, n_symbols=24, n_days=252, signal_strength=0.08)
+
+
 def build_market(root: Path, signal_strength: float | None) -> ArtifactPaths:
-    """The data half on the synthetic default (``None``: its own signal strength)."""
-    market = SyntheticMarketConfig() if signal_strength is None else SyntheticMarketConfig(signal_strength=signal_strength)
+    """The data half on :data:`ACCEPTANCE_MARKET` (``signal_strength`` ``None``: its own)."""
+    market = ACCEPTANCE_MARKET if signal_strength is None else replace(ACCEPTANCE_MARKET, signal_strength=signal_strength)
     paths = ArtifactPaths(data_dir=root)
     run_data_half(paths, DataHalfConfig(synthetic=market), log=lambda _msg: None)
     return paths

@@ -480,9 +480,9 @@ def test_ci_gate_cli_passes_the_good_pipeline_and_fails_a_tampered_bundle_withou
         for e in events
         if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
-    assert len(checks) == len(home.defs().resolve_asset_graph().asset_check_keys) and all(
-        c.passed for c in checks
-    )
+    assert len(checks) == len(home.defs().resolve_asset_graph().asset_check_keys)
+    assert all(c.passed for c in checks), [(c.asset_key.to_user_string(), c.check_name, c.metadata)
+                                           for c in checks if not c.passed]
     for e in events:  # the data and the training runs are reused as they are: no training process
         mat = e.asset_materialization
         if mat is not None and mat.asset_key.to_user_string().startswith("bundle_"):

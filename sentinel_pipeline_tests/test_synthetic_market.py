@@ -187,10 +187,10 @@ def test_strength_zero_gives_zero_drift_and_no_predictability(market_zero):
     assert abs(rank_corr(market_zero.momentum, fwd)) < 0.06
 
 
-def test_default_strength_plants_a_weak_learnable_signal(market, market_zero):
+def test_default_strength_plants_a_modest_learnable_signal(market, market_zero):
     fwd = forward_return(market.bars, 5)
     rho = rank_corr(market.drift_next, fwd)
-    assert 0.05 < rho < 0.2
+    assert 0.15 < rho < 0.35  # documented: 0.23-0.27 over seeds 7-11 at strength 0.2
     # same seed, same shocks: the whole difference is the planted drift
     assert rho - rank_corr(market_zero.momentum, forward_return(market_zero.bars, 5)) > 0.05
     # learnable from causal features only: 10-bar return over an EWMA volatility from past closes
