@@ -31,7 +31,12 @@ import pandas as pd
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
 from sentinel_pipeline.evaluation.skill_gates import directional_skill
 from sentinel_pipeline.paths import ArtifactPaths
-from sentinel_pipeline.training.config import PIPELINE_BATCH_SIZES, PIPELINE_TRAINING, TrainConfig
+from sentinel_pipeline.training.config import (
+    PIPELINE_BATCH_SIZES,
+    PIPELINE_TRAINING,
+    PIPELINE_VARIANT_TRAINING,
+    TrainConfig,
+)
 
 DEFAULT_VARIANTS: tuple[str, ...] = ("mlp_two_head", "seq_ctx_fusion", "transformer_tbm")
 
@@ -62,7 +67,8 @@ def pipeline_train_config(paths: ArtifactPaths, variant: str, out_dir: Path, **o
         model=variant,
         scalers_dir=paths.scalers_dir,
         models_dir=paths.models_dir,
-        **{**PIPELINE_TRAINING, "batch_size": PIPELINE_BATCH_SIZES.get(variant), **overrides},
+        **{**PIPELINE_TRAINING, "batch_size": PIPELINE_BATCH_SIZES.get(variant),
+           **PIPELINE_VARIANT_TRAINING.get(variant, {}), **overrides},
     )
 
 

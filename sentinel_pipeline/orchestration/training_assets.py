@@ -15,7 +15,12 @@ from sentinel_pipeline.orchestration.metadata import image, md_table
 from sentinel_pipeline.orchestration.pipes_training import summarise
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.stage_cache import fingerprint
-from sentinel_pipeline.training.config import PIPELINE_BATCH_SIZES, PIPELINE_TRAINING, TrainConfig
+from sentinel_pipeline.training.config import (
+    PIPELINE_BATCH_SIZES,
+    PIPELINE_TRAINING,
+    PIPELINE_VARIANT_TRAINING,
+    TrainConfig,
+)
 from sentinel_pipeline.training.engine import completed_run
 from sentinel_pipeline.training.models import VARIANTS
 
@@ -70,6 +75,7 @@ def train_config_for(paths: Any, variant: str, cfg: TrainingRunConfig, out_dir: 
         model=variant,
         scalers_dir=paths.scalers_dir,
         models_dir=paths.models_dir,
+        **PIPELINE_VARIANT_TRAINING.get(variant, {}),
         **{**cfg.model_dump(), "batch_size": cfg.batch_size or PIPELINE_BATCH_SIZES.get(variant)},
     )
 
@@ -94,7 +100,7 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
         # operational knobs (logging, threads, workers, device) do not change the trained model
         result_config = config.model_dump(exclude={"log_every", "threads", "num_workers", "device"})
         fp = fingerprint(stage="train", variant=variant, data=upstream_fingerprint(paths.arrow_dir, "arrow_cache"),
-                         config=result_config)
+                         config={**PIPELINE_VARIANT_TRAINING.get(variant, {}), **result_config})
         out_dir = paths.artifacts / "training" / variant / fp[:16]
         tc = train_config_for(paths, variant, config, out_dir)
         done = completed_run(out_dir, paths.models_dir)
