@@ -61,20 +61,25 @@ def _sorted_fast(bars: pd.DataFrame) -> bool:
     return sym_ok and bool((ts[1:][same] > ts[:-1][same]).all())
 
 
-@dg.asset_check(asset=labelled_dataset, description="Eligibility rate in (0.1, 0.99) and no triple-barrier class degenerate.")
-def label_balance_sanity(settings: PipelineSettings) -> dg.AssetCheckResult:
+@dg.asset_check(asset=labelled_dataset, description="Eligibility rate plausible for the data (at least half "
+                "of the most its symbols' lengths allow; no fixed ceiling) and no triple-barrier class degenerate.")
+def label_balance_sanity(settings: PipelineSettings, data_settings: DataHalfSettings) -> dg.AssetCheckResult:
     paths = settings.paths()
-    df = pd.read_parquet(paths.labelled_dataset, columns=["tb_label", "label_eligible"])
+    df = pd.read_parquet(paths.labelled_dataset, columns=["symbol", "tb_label", "label_eligible"])
     elig = df["label_eligible"].to_numpy()
     rate = float(elig.mean()) if len(elig) else 0.0
+    # every symbol's last label window has no label: the most the data allows
+    window = labels_mod.label_window_bars(data_settings.to_config().labels)
+    ceiling = max(0.0, 1.0 - df["symbol"].nunique() * window / len(df)) if len(df) else 0.0
     counts = df.loc[elig, "tb_label"].value_counts(normalize=True).reindex([-1, 0, 1], fill_value=0.0)
     balance = {str(k): float(v) for k, v in counts.items()}
     ok_classes = all(MIN_CLASS_FRACTION <= v <= MAX_CLASS_FRACTION for v in balance.values())
-    passed = 0.1 < rate < 0.99 and ok_classes
+    passed = 0 < rate and rate >= 0.5 * ceiling and ok_classes
     return dg.AssetCheckResult(
         passed=passed,
-        metadata={"eligibility_rate": rate, "class_balance": md_kv_table(balance, "tb_label", "fraction")},
-        description=None if passed else f"eligibility {rate:.3f}, class balance {balance}",
+        metadata={"eligibility_rate": round(rate, 4), "eligibility_ceiling": round(ceiling, 4),
+                  "class_balance": md_kv_table(balance, "tb_label", "fraction")},
+        description=None if passed else f"eligibility {rate:.3f} (most possible {ceiling:.3f}), class balance {balance}",
     )
 
 
