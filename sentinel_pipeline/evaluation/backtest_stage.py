@@ -1,0 +1,262 @@
+"""The backtest stage: a verified bundle scored on the test split, backtested, compared with the previous
+verified bundle of its variant, and written to one output directory. Plain Python (no Dagster).
+
+:func:`run_backtest_stage` refuses a bundle whose verification did not pass (``require_verified``, which
+also re-checks the manifest), so neither the pipeline nor a script can backtest an unverified bundle.
+The bundle directory is only read: everything goes to ``out_dir`` (the pipeline's
+``data/artifacts/backtest/<variant>/``), written as one directory that replaces the old one atomically:
+
+====================  ===================================================================
+``backtest_report.json``  config, rule as applied, metrics, random baseline, comparison, notes
+``backtest.png``          equity (with the random band and the previous bundle) and drawdown
+``daily.parquet``         per day: returns, costs, turnover, equity, drawdown, random band, previous
+``bars.parquet``          per timestamp: returns, costs, turnover, exposure, equity, drawdown
+``trades.parquet``        one row per trade
+``positions.parquet``     per test sample: signal, entry side, weight, P&L, cost
+``predictions.parquet``   the scored test split (``score_split``)
+``random_strategies.parquet``  per random strategy: daily Sharpe, total return
+====================  ===================================================================
+
+The previous bundle is compared only when it can be: same feature contract (it must read the same
+test split), and trained and validated on bars that all lie before the first test sample (a bundle
+trained on older data whose training window reaches into this test window has seen it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sentinel_pipeline.atomic_io import atomic_dir, write_json_atomic
+from sentinel_pipeline.bundles import LoadedBundle, load_bundle
+from sentinel_pipeline.data.split_arrays import SplitArrays
+from sentinel_pipeline.evaluation.backtest import (
+    BacktestConfig,
+    BacktestResult,
+    backtest_report,
+    compare_backtests,
+    plot_backtest,
+    resolve_entry_rule,
+    rounded,
+    run_backtest,
+    threshold_from_validation,
+)
+from sentinel_pipeline.evaluation.predictions import score_split
+from sentinel_pipeline.stage_cache import write_record
+from sentinel_pipeline.training.data_loader import load_split_for_training
+from sentinel_pipeline.verification import require_verified
+
+REPORT_NAME = "backtest_report.json"
+PLOT_NAME = "backtest.png"
+# bump when the backtest's rules change, so that a stored result is not reused across the change
+BACKTEST_RULES_VERSION = 1
+
+
+@dataclass
+class ScoredBacktest:
+    """One bundle's backtest on the test split, with how its threshold was set."""
+
+    result: BacktestResult
+    predictions: pd.DataFrame
+    threshold_source: str  # "config", "validation split" or "not used"
+
+
+def backtest_loaded_bundle(
+    bundle: LoadedBundle,
+    test: SplitArrays,
+    config: BacktestConfig,
+    validation: Callable[[], SplitArrays],
+    *,
+    random_baseline: bool = True,
+) -> ScoredBacktest:
+    """Score ``test`` with the bundle's model and backtest it; the holding period defaults to the test
+    split's label horizon. When the entry rule is ``threshold`` and no threshold is configured, it is
+    fitted on the bundle's own signal over the validation split (``validation()`` loads it lazily)."""
+    predictions = score_split(bundle.model, bundle.arch, test)
+    horizon = test.label_params.get("horizon")
+    source = "not used"
+    if resolve_entry_rule(predictions, config) == "threshold":
+        if config.threshold is None:
+            val = score_split(bundle.model, bundle.arch, validation())
+            config = dataclasses.replace(config, threshold=threshold_from_validation(val["signal"], config.fraction))
+            source = "validation split"
+        else:
+            source = "config"
+    result = run_backtest(predictions, config, horizon=horizon, random_baseline=random_baseline)
+    result.info["threshold_source"] = source
+    return ScoredBacktest(result, predictions, source)
+
+
+def previous_not_comparable(previous_metadata: Mapping[str, Any], expected_hash: str,
+                            test_start: pd.Timestamp) -> str | None:
+    """Why a previous bundle cannot be compared on this test window (None: it can)."""
+    prev_hash = previous_metadata.get("feature_contract_hash")
+    if prev_hash != expected_hash:
+        return f"feature contract {prev_hash} differs from the test split's {expected_hash}"
+    windows = previous_metadata.get("data_windows") or {}
+    ends = []
+    for split in ("train", "val"):
+        end = (windows.get(split) or {}).get("end")
+        if not end:
+            return f"its {split} window is not recorded"
+        ts = pd.Timestamp(end)
+        ends.append(ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC"))
+    last = max(ends)
+    if last >= test_start:
+        return f"it was trained/validated on bars up to {last.isoformat()}, inside this test window (from {test_start.isoformat()})"
+    return None
+
+
+@dataclass
+class BacktestOutcome:
+    current: ScoredBacktest
+    previous: ScoredBacktest | None
+    previous_bundle: str | None  # name of the previous bundle looked at
+    previous_note: str | None  # why it was not compared, if it was not
+    comparison: dict[str, Any] | None
+    report: dict[str, Any]
+    files: dict[str, Path]
+
+
+def run_backtest_stage(
+    bundle_dir: str | Path,
+    expected_hash: str,
+    test_h5: str | Path,
+    val_h5: str | Path,
+    out_dir: str | Path,
+    config: BacktestConfig | None = None,
+    *,
+    previous_dir: str | Path | None = None,
+    fingerprint: str | None = None,
+) -> BacktestOutcome:
+    """Backtest the verified bundle at ``bundle_dir`` on ``test_h5`` and write ``out_dir`` (see the module
+    docstring). Raises ``BundleNotVerifiedError`` for a bundle whose verification does not hold.
+    ``fingerprint``: recorded in ``out_dir/.stage.json`` with the outputs' digests (pipeline reuse)."""
+    config = config or BacktestConfig()
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    require_verified(bundle_dir, expected_hash)
+    bundle = load_bundle(bundle_dir, expected_hash)
+    test, _ = load_split_for_training(test_h5, expected_hash)
+    val_cache: list[SplitArrays] = []
+
+    def validation() -> SplitArrays:
+        if not val_cache:
+            val_cache.append(load_split_for_training(val_h5, expected_hash)[0])
+        return val_cache[0]
+
+    current = backtest_loaded_bundle(bundle, test, config, validation)
+    previous: ScoredBacktest | None = None
+    note: str | None = None
+    comparison: dict[str, Any] | None = None
+    prev_name = Path(previous_dir).name if previous_dir is not None else None
+    if previous_dir is None:
+        note = "no previous verified bundle of this variant"
+    else:
+        test_start = pd.Timestamp(current.predictions["timestamp"].min())
+        try:
+            require_verified(previous_dir)
+            prev_bundle = load_bundle(previous_dir)
+        except ValueError as exc:  # BundleError, BundleNotVerifiedError
+            note = f"previous bundle cannot be used: {exc}"
+        else:
+            note = previous_not_comparable(prev_bundle.metadata, expected_hash, test_start)
+            if note is None:
+                previous = backtest_loaded_bundle(prev_bundle, test, config, validation, random_baseline=False)
+                comparison = compare_backtests(current.result, previous.result, seed=config.seed)
+    extra = {
+        "bundle": bundle_dir.name,
+        "variant": bundle.variant,
+        "previous_bundle": prev_name if previous is not None else None,
+        "previous_note": note,
+        "test_split": {"path": str(test_h5), "n_samples": int(len(current.predictions)),
+                       "label_params": dict(test.label_params)},
+    }
+    report = backtest_report(current.result, comparison, extra=extra)
+    files = write_backtest_outputs(out_dir, current, previous, report, fingerprint=fingerprint)
+    return BacktestOutcome(current, previous, prev_name, note, comparison, report, files)
+
+
+def write_backtest_outputs(out_dir: str | Path, current: ScoredBacktest, previous: ScoredBacktest | None,
+                           report: Mapping[str, Any], *, fingerprint: str | None = None) -> dict[str, Path]:
+    """Write every output into a fresh directory that replaces ``out_dir`` in one rename."""
+    out_dir = Path(out_dir)
+    res = current.result
+    daily = res.daily.copy()
+    if previous is not None:
+        prev = previous.result.daily.set_index("date")
+        daily["previous_net_return"] = prev["net_return"].reindex(daily["date"]).to_numpy()
+        daily["previous_equity"] = prev["equity"].reindex(daily["date"]).to_numpy()
+    names = {
+        "report": REPORT_NAME, "plot": PLOT_NAME, "daily": "daily.parquet", "bars": "bars.parquet",
+        "trades": "trades.parquet", "positions": "positions.parquet", "predictions": "predictions.parquet",
+    }
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        write_json_atomic(tmp / REPORT_NAME, dict(report))
+        title = f"{report.get('variant', '')} {report.get('bundle', '')}: test-period backtest".strip()
+        plot_backtest(res, tmp / PLOT_NAME, previous=previous.result if previous else None, title=title)
+        daily.to_parquet(tmp / names["daily"], index=False)
+        res.bars.to_parquet(tmp / names["bars"], index=False)
+        res.trades.to_parquet(tmp / names["trades"], index=False)
+        res.positions.to_parquet(tmp / names["positions"], index=False)
+        current.predictions.to_parquet(tmp / names["predictions"], index=False)
+        if res.random is not None:
+            names["random"] = "random_strategies.parquet"
+            pd.DataFrame({"sharpe_daily": res.random.sharpe_daily, "total_return": res.random.total_return,
+                          "n_trades": res.random.trades_per_strategy}).to_parquet(tmp / names["random"], index=False)
+        if fingerprint is not None:
+            outputs = [tmp / n for n in names.values()]
+            # recorded relative to the directory, so the record holds once the directory is renamed
+            write_record(tmp, fingerprint, outputs, {"bundle": report.get("bundle")})
+    return {k: out_dir / v for k, v in names.items()}
+
+
+# -- the side-by-side table of all variants ----------------------------------------------------------
+
+COMPARISON_COLUMNS: tuple[str, ...] = (
+    "variant", "status", "bundle", "entry_rule", "n_trades", "n_days", "total_return", "sharpe",
+    "sharpe_ci", "p_vs_random_sharpe", "p_vs_random_return", "max_drawdown", "daily_turnover",
+    "gross_exposure", "hit_rate", "mean_trade_return", "delta_sharpe_vs_previous",
+)
+
+
+def comparison_row(variant: str, report: Mapping[str, Any] | None, status: str, digits: int = 3) -> dict[str, Any]:
+    """One variant's line of the side-by-side table (numbers rounded to ``digits`` significant digits)."""
+    if report is None:
+        return {"variant": variant, "status": status, **dict.fromkeys(COMPARISON_COLUMNS[2:], "")}
+    m = report.get("metrics", {})
+    rb = report.get("random_baseline") or {}
+    vs = (report.get("vs_previous") or {}).get("sharpe") or {}
+    r = rounded(dict(m), digits)
+
+    def pv(stat: str) -> Any:
+        return rounded((rb.get(stat) or {}).get("p_value"), digits)
+
+    ci = ""
+    if m.get("sharpe") is not None:
+        ci = f"[{rounded(m['sharpe_lower'], digits)}, {rounded(m['sharpe_upper'], digits)}]"
+    return {
+        "variant": variant, "status": status, "bundle": report.get("bundle", ""),
+        "entry_rule": (report.get("rule") or {}).get("entry_rule", ""),
+        "n_trades": m.get("n_trades"), "n_days": m.get("n_days"),
+        "total_return": r.get("total_return"),
+        "sharpe": r.get("sharpe") if m.get("sharpe") is not None else "not reported",
+        "sharpe_ci": ci, "p_vs_random_sharpe": pv("sharpe_daily"), "p_vs_random_return": pv("total_return"),
+        "max_drawdown": r.get("max_drawdown"), "daily_turnover": r.get("mean_daily_turnover"),
+        "gross_exposure": r.get("mean_gross_exposure"), "hit_rate": r.get("hit_rate"),
+        "mean_trade_return": r.get("mean_trade_return"),
+        "delta_sharpe_vs_previous": rounded(vs.get("delta"), digits) if vs else "",
+    }
+
+
+def comparison_markdown(rows: list[Mapping[str, Any]]) -> str:
+    """The rows as a markdown table (None as an empty cell)."""
+    cols = list(COMPARISON_COLUMNS)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
