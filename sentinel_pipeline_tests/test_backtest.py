@@ -24,6 +24,12 @@ from sentinel_pipeline.evaluation.backtest import (
     run_backtest,
     threshold_from_validation,
 )
+from sentinel_pipeline.evaluation.backtest_stage import (
+    COMPARISON_COLUMNS,
+    comparison_markdown,
+    comparison_row,
+    previous_not_comparable,
+)
 
 RATE_10BPS = {"cost_bps": 10.0, "slippage_bps": 0.0}
 
@@ -356,3 +362,30 @@ def test_report_is_strict_json_and_the_plot_is_a_png(tmp_path) -> None:
     assert rounded(0.123456, 3) == 0.123 and rounded(123456.0, 2) == 120000.0 and rounded(7) == 7
     png = plot_backtest(res, tmp_path / "bt.png", previous=prev, title="x")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the stage's helpers ------------------------------------------------------------------------------
+
+
+def test_previous_bundle_is_compared_only_on_the_same_contract_and_an_unseen_window() -> None:
+    start = pd.Timestamp("2024-03-01 14:00", tz="UTC")
+    meta = {"feature_contract_hash": "abc", "data_windows": {
+        "train": {"end": "2024-01-31T20:00:00Z"}, "val": {"end": "2024-02-20T20:00:00Z"}}}
+    assert previous_not_comparable(meta, "abc", start) is None
+    assert "feature contract" in previous_not_comparable(meta, "xyz", start)
+    late = {**meta, "data_windows": {**meta["data_windows"], "val": {"end": "2024-03-05T20:00:00Z"}}}
+    assert "inside this test window" in previous_not_comparable(late, "abc", start)
+    assert "not recorded" in previous_not_comparable({**meta, "data_windows": {}}, "abc", start)
+
+
+def test_comparison_rows_round_and_mark_missing_backtests() -> None:
+    res = run_backtest(random_walk_panel(8, 35, seed=13), BacktestConfig(), horizon=10)
+    report = backtest_report(res, extra={"bundle": "b1"})
+    row = comparison_row("v1", report, "current")
+    assert row["bundle"] == "b1" and row["n_trades"] == res.metrics["n_trades"]
+    assert row["sharpe"] == rounded(res.metrics["sharpe"], 3) and row["sharpe_ci"].startswith("[")
+    assert row["total_return"] == rounded(res.metrics["total_return"], 3)
+    empty = comparison_row("v2", None, "no backtest")
+    table = comparison_markdown([row, empty]).splitlines()
+    assert table[0] == "| " + " | ".join(COMPARISON_COLUMNS) + " |" and len(table) == 4
+    assert table[3].startswith("| v2 | no backtest |")

@@ -5,7 +5,8 @@ bundle, the blocking check and its backtest, and snapshotted; every test restore
 Proven: the backtest runs after a verified bundle and writes only outside the bundle; it is not executed
 in the run whose ``bundle_verified`` fails, refuses in a later run (failed check, or a bundle changed
 after its verification), is requested by automation only once the check passed; an unchanged rerun is
-reused; ``variant_comparison`` tabulates what exists.
+reused; a retrained bundle is compared with the previous verified one; ``variant_comparison`` tabulates
+what exists.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from sentinel_pipeline.bundles import MANIFEST_NAME
@@ -33,6 +35,7 @@ from sentinel_pipeline_tests.pipeline_fixtures import (
     leftover_temp_files,
     materializations,
     restore,
+    run_config,
     started_steps,
     step_failures,
 )
@@ -220,3 +223,26 @@ def test_the_code_location_runs_the_backtests_in_every_job_and_by_a_sensor() -> 
     sensor = defs.resolve_sensor_def("backtest_automation")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert sensor.asset_selection.resolve(defs.resolve_asset_graph()) == keys
+
+
+def test_a_retrained_bundle_is_compared_with_the_previous_verified_one_on_the_same_window(good: Good) -> None:
+    home, instance = good.home, good.instance
+    config = run_config()
+    config["ops"][BUNDLE.to_user_string()]["config"]["seed"] = 7  # another training run -> a new bundle
+    result = home.defs().resolve_job_def("full_pipeline").execute_in_process(
+        run_config=config, instance=instance, asset_selection=[BUNDLE, BACKTEST], raise_on_error=False)
+    assert result.success, step_failures(result)
+    mats = materializations(result)
+    new = Path(mats[BUNDLE.to_user_string()]["bundle_path"])
+    assert new != good.bundle
+    md = mats[BACKTEST.to_user_string()]
+    assert md["bundle"] == new.name and md["previous_bundle"] == good.bundle.name
+    assert "| mean_daily_return |" in md["vs_previous"] and "delta_mean_daily_return_vs_previous" in md
+    report = json.loads(report_bytes(good))
+    vs = report["vs_previous"]
+    daily = pd.read_parquet(backtest_dir(home.paths, VARIANT) / "daily.parquet")
+    diff = daily["net_return"] - daily["previous_net_return"]
+    assert vs["n_days_paired"] == len(daily) and vs["mean_daily_return"]["delta"] == pytest.approx(diff.mean())
+    lo, hi = vs["mean_daily_return"]["lower"], vs["mean_daily_return"]["upper"]
+    assert lo <= vs["mean_daily_return"]["delta"] <= hi
+    assert vs["sharpe"] is None  # too few days for annualised Sharpe ratios, so no delta of them either
