@@ -367,28 +367,36 @@ def _simulate(entries: np.ndarray, layout: _Layout, hold: int, lag: int, rate: f
     the weight of column ``j`` is ``(C[j - lag] - C[j - lag - hold]) / hold`` with ``C`` the cumulative
     sum of the entries (padding >= hold + lag keeps segments apart)."""
     k, size = entries.shape
-    c = np.cumsum(entries, axis=1)
-    w = np.zeros_like(c)
     a = hold + lag
-    w[:, a:] = c[:, hold:size - lag] - c[:, : size - a]
+    c = np.cumsum(entries, axis=1)
+    w = np.empty_like(c)
+    w[:, :a] = 0.0
+    np.subtract(c[:, hold:size - lag], c[:, : size - a], out=w[:, a:])
     w *= layout.real / hold
     if detail:
         w[np.abs(w) < _FLAT] = 0.0
-    turnover = np.abs(np.diff(w, axis=1, prepend=0.0))
-    pnl = w * layout.r1_pad
-    cost = rate * turnover
+    turnover = c  # the cumulative sum is no longer needed: reuse its memory for |w[j] - w[j-1]|
+    turnover[:, 0] = w[:, 0]
+    np.subtract(w[:, 1:], w[:, :-1], out=turnover[:, 1:])
+    np.abs(turnover, out=turnover)
 
     def per_time(x: np.ndarray) -> np.ndarray:
         return np.add.reduceat(x[:, layout.tm_order_pad], layout.tm_starts_pad, axis=1)
 
+    if not detail:  # net = w * r - rate * turnover, in place (the random strategies' path)
+        w *= layout.r1_pad
+        turnover *= rate
+        w -= turnover
+        return _Simulated(net=per_time(w))
+    pnl = w * layout.r1_pad
+    cost = rate * turnover
     out = _Simulated(net=per_time(pnl - cost))
-    if detail:
-        out.gross, out.cost, out.turnover = per_time(pnl), per_time(cost), per_time(turnover)
-        out.gross_exposure, out.net_exposure = per_time(np.abs(w)), per_time(w)
-        out.n_positions = per_time((w != 0).astype(np.float64))
-        p = layout.pad_pos
-        closing = np.where(layout.seg_end == np.arange(p.shape[0]), turnover[0, p + 1], 0.0)
-        out.weights, out.row_turnover = w[0, p], turnover[0, p] + closing
+    out.gross, out.cost, out.turnover = per_time(pnl), per_time(cost), per_time(turnover)
+    out.gross_exposure, out.net_exposure = per_time(np.abs(w)), per_time(w)
+    out.n_positions = per_time((w != 0).astype(np.float64))
+    p = layout.pad_pos
+    closing = np.where(layout.seg_end == np.arange(p.shape[0]), turnover[0, p + 1], 0.0)
+    out.weights, out.row_turnover = w[0, p], turnover[0, p] + closing
     return out
 
 
@@ -864,8 +872,9 @@ def plot_backtest(result: BacktestResult, path: str | Path, *, previous: Backtes
         ax.axhline(1.0, color="k", lw=0.6)
         sharpe = result.metrics.get("sharpe")
         sr = f"Sharpe {sharpe:.2f}" if isinstance(sharpe, float) and math.isfinite(sharpe) else "Sharpe not reported"
-        ax.set_title(f"{title}  ({sr}, {result.metrics['n_trades']} trades, "
-                     f"{result.info['round_trip_cost_bps']:.0f} bps round trip)")
+        ax.set_title(f"{title}\n{sr}, {result.metrics['n_trades']} trades over {result.metrics['n_days']} days, "
+                     f"{result.info['round_trip_cost_bps']:g} bps round trip, hold {result.info['holding_bars']} bars",
+                     fontsize=10)
         ax.set_ylabel("equity")
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)

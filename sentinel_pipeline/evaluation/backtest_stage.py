@@ -197,7 +197,7 @@ def write_backtest_outputs(out_dir: str | Path, current: ScoredBacktest, previou
     }
     with atomic_dir(out_dir, overwrite=True) as tmp:
         write_json_atomic(tmp / REPORT_NAME, dict(report))
-        title = f"{report.get('variant', '')} {report.get('bundle', '')}: test-period backtest".strip()
+        title = f"{report.get('bundle', '')}: test-period backtest"
         plot_backtest(res, tmp / PLOT_NAME, previous=previous.result if previous else None, title=title)
         daily.to_parquet(tmp / names["daily"], index=False)
         res.bars.to_parquet(tmp / names["bars"], index=False)
