@@ -28,7 +28,8 @@ from sentinel_pipeline.evaluation.backtest_stage import (
     COMPARISON_COLUMNS,
     comparison_markdown,
     comparison_row,
-    previous_not_comparable,
+    scaler_problem,
+    window_problem,
 )
 
 RATE_10BPS = {"cost_bps": 10.0, "slippage_bps": 0.0}
@@ -367,15 +368,28 @@ def test_report_is_strict_json_and_the_plot_is_a_png(tmp_path) -> None:
 # -- the stage's helpers ------------------------------------------------------------------------------
 
 
-def test_previous_bundle_is_compared_only_on_the_same_contract_and_an_unseen_window() -> None:
+def test_a_bundle_is_judged_only_on_its_contract_and_a_window_it_has_not_seen() -> None:
     start = pd.Timestamp("2024-03-01 14:00", tz="UTC")
     meta = {"feature_contract_hash": "abc", "data_windows": {
         "train": {"end": "2024-01-31T20:00:00Z"}, "val": {"end": "2024-02-20T20:00:00Z"}}}
-    assert previous_not_comparable(meta, "abc", start) is None
-    assert "feature contract" in previous_not_comparable(meta, "xyz", start)
+    assert window_problem(meta, "abc", start) is None
+    assert "feature contract" in window_problem(meta, "xyz", start)
     late = {**meta, "data_windows": {**meta["data_windows"], "val": {"end": "2024-03-05T20:00:00Z"}}}
-    assert "inside this test window" in previous_not_comparable(late, "abc", start)
-    assert "not recorded" in previous_not_comparable({**meta, "data_windows": {}}, "abc", start)
+    assert "inside this test window" in window_problem(late, "abc", start)
+    assert "not recorded" in window_problem({**meta, "data_windows": {}}, "abc", start)
+
+
+def test_a_bundle_must_expect_the_scalers_that_scaled_the_test_split(tmp_path) -> None:
+    bundle, scalers = tmp_path / "bundle", tmp_path / "scalers"
+    for d in (bundle, scalers):
+        d.mkdir()
+        for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
+            (d / name).write_bytes(b"fitted " + name.encode())
+    assert scaler_problem(bundle, scalers) is None
+    (scalers / "snap_scaler.joblib").write_bytes(b"refitted")
+    assert "snap_scaler.joblib differs" in scaler_problem(bundle, scalers)
+    (scalers / "seq_scaler.joblib").unlink()
+    assert "missing" in scaler_problem(bundle, scalers)
 
 
 def test_comparison_rows_round_and_mark_missing_backtests() -> None:

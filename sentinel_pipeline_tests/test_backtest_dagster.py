@@ -4,7 +4,8 @@ One variant (``mlp_two_head``, the fastest to train) is built once per module wi
 bundle, the blocking check and its backtest, and snapshotted; every test restores that state first.
 Proven: the backtest runs after a verified bundle and writes only outside the bundle; it is not executed
 in the run whose ``bundle_verified`` fails, refuses in a later run (failed check, or a bundle changed
-after its verification), is requested by automation only once the check passed; an unchanged rerun is
+after its verification, a bundle that has seen the rebuilt test window), is requested by automation only
+once the check passed; an unchanged rerun is
 reused; a retrained bundle is compared with the previous verified one; ``variant_comparison`` tabulates
 what exists.
 """
@@ -22,13 +23,17 @@ import pandas as pd
 import pytest
 
 from sentinel_pipeline.bundles import MANIFEST_NAME
+from sentinel_pipeline.definitions import ASSETS, CHECKS
 from sentinel_pipeline.orchestration.backtest_assets import COMPARISON_KEY, backtest_asset_key, backtest_dir
 from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
+from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
+from sentinel_pipeline.orchestration.jobs import full_pipeline
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.training.models import VARIANTS
 from sentinel_pipeline.verification import require_verified
 from sentinel_pipeline_tests.pipeline_fixtures import (
     DATA_STAGES,
+    SMALL_MARKET,
     PipelineHome,
     check_evaluations,
     flip_byte,
@@ -246,3 +251,20 @@ def test_a_retrained_bundle_is_compared_with_the_previous_verified_one_on_the_sa
     lo, hi = vs["mean_daily_return"]["lower"], vs["mean_daily_return"]["upper"]
     assert lo <= vs["mean_daily_return"]["delta"] <= hi
     assert vs["sharpe"] is None  # too few days for annualised Sharpe ratios, so no delta of them either
+
+
+def test_a_bundle_that_has_seen_the_rebuilt_test_window_is_refused(good: Good) -> None:
+    """The splits are rebuilt with an earlier cut (train 50 %), the bundle is not retrained: its
+    training and validation bars now lie inside the test window, so the backtest refuses it."""
+    home, instance = good.home, good.instance
+    before = report_bytes(good)
+    resources = {**home.resources(), "data_settings": DataHalfSettings(**SMALL_MARKET, train_frac=0.5)}
+    defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[full_pipeline], resources=resources)
+    data = [dg.AssetKey(a) for a in ("dataset_splits", "seq_scaler", "snap_scaler", "hdf5_splits", "arrow_cache")]
+    rebuilt = defs.resolve_job_def("full_pipeline").execute_in_process(
+        instance=instance, asset_selection=data, raise_on_error=False)
+    assert rebuilt.success, step_failures(rebuilt)
+    result = home.run(instance, selection=[BACKTEST])
+    message = step_failures(result)[f"backtest_{VARIANT}"]
+    assert "refused" in message and "inside this test window" in message, message
+    assert report_bytes(good) == before

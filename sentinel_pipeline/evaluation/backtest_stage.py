@@ -17,9 +17,12 @@ The bundle directory is only read: everything goes to ``out_dir`` (the pipeline'
 ``random_strategies.parquet``  per random strategy: daily Sharpe, total return
 ====================  ===================================================================
 
-The previous bundle is compared only when it can be: same feature contract (it must read the same
-test split), and trained and validated on bars that all lie before the first test sample (a bundle
-trained on older data whose training window reaches into this test window has seen it).
+A bundle is judged on the test window only when it has not seen it: same feature contract as the test
+split, and trained and validated on bars that all lie before the first test sample (a bundle trained
+before the data were rebuilt may have trained on what is now the test period), and scalers identical to
+those that scaled the test split (the model's inputs must be scaled as in its training). The current
+bundle is refused otherwise (:class:`BacktestRefused`); the previous bundle is then just not compared (the
+report says why).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from sentinel_pipeline.atomic_io import atomic_dir, write_json_atomic
-from sentinel_pipeline.bundles import LoadedBundle, load_bundle
+from sentinel_pipeline.bundles import LoadedBundle, load_bundle, sha256_file
 from sentinel_pipeline.data.split_arrays import SplitArrays
 from sentinel_pipeline.evaluation.backtest import (
     BacktestConfig,
@@ -92,13 +95,19 @@ def backtest_loaded_bundle(
     return ScoredBacktest(result, predictions, source)
 
 
-def previous_not_comparable(previous_metadata: Mapping[str, Any], expected_hash: str,
-                            test_start: pd.Timestamp) -> str | None:
-    """Why a previous bundle cannot be compared on this test window (None: it can)."""
-    prev_hash = previous_metadata.get("feature_contract_hash")
-    if prev_hash != expected_hash:
-        return f"feature contract {prev_hash} differs from the test split's {expected_hash}"
-    windows = previous_metadata.get("data_windows") or {}
+class BacktestRefused(ValueError):
+    """The bundle cannot be backtested on this test split (the message says why)."""
+
+
+def window_problem(bundle_metadata: Mapping[str, Any], expected_hash: str,
+                        test_start: pd.Timestamp) -> str | None:
+    """Why a bundle cannot be judged on a test window starting at ``test_start`` (None: it can): its
+    feature contract is not the test split's, or its training/validation bars reach into the window
+    (a bundle trained before the data were rebuilt may have seen what is now the test period)."""
+    bundle_hash = bundle_metadata.get("feature_contract_hash")
+    if bundle_hash != expected_hash:
+        return f"feature contract {bundle_hash} differs from the test split's {expected_hash}"
+    windows = bundle_metadata.get("data_windows") or {}
     ends = []
     for split in ("train", "val"):
         end = (windows.get(split) or {}).get("end")
@@ -133,12 +142,17 @@ def run_backtest_stage(
     *,
     previous_dir: str | Path | None = None,
     fingerprint: str | None = None,
+    scalers_dir: str | Path | None = None,
 ) -> BacktestOutcome:
     """Backtest the verified bundle at ``bundle_dir`` on ``test_h5`` and write ``out_dir`` (see the module
     docstring). Raises ``BundleNotVerifiedError`` for a bundle whose verification does not hold.
-    ``fingerprint``: recorded in ``out_dir/.stage.json`` with the outputs' digests (pipeline reuse)."""
+    ``fingerprint``: recorded in ``out_dir/.stage.json`` with the outputs' digests (pipeline reuse).
+    ``scalers_dir``: the scalers the splits were written with (default ``<artifacts>/scalers`` of the
+    ``<artifacts>/hdf5/test.h5`` layout). Raises :class:`BacktestRefused` when the bundle has seen the
+    test window or expects other scalers."""
     config = config or BacktestConfig()
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    scalers_dir = Path(scalers_dir) if scalers_dir is not None else Path(test_h5).parent.parent / "scalers"
     require_verified(bundle_dir, expected_hash)
     bundle = load_bundle(bundle_dir, expected_hash)
     test, _ = load_split_for_training(test_h5, expected_hash)
@@ -149,6 +163,11 @@ def run_backtest_stage(
             val_cache.append(load_split_for_training(val_h5, expected_hash)[0])
         return val_cache[0]
 
+    test_start = _first_sample_time(test)
+    problem = window_problem(bundle.metadata, expected_hash, test_start) or scaler_problem(
+        bundle_dir, scalers_dir)
+    if problem is not None:
+        raise BacktestRefused(f"{bundle_dir}: cannot be backtested on {test_h5}: {problem}")
     current = backtest_loaded_bundle(bundle, test, config, validation)
     previous: ScoredBacktest | None = None
     note: str | None = None
@@ -157,14 +176,14 @@ def run_backtest_stage(
     if previous_dir is None:
         note = "no previous verified bundle of this variant"
     else:
-        test_start = pd.Timestamp(current.predictions["timestamp"].min())
         try:
             require_verified(previous_dir)
             prev_bundle = load_bundle(previous_dir)
         except ValueError as exc:  # BundleError, BundleNotVerifiedError
             note = f"previous bundle cannot be used: {exc}"
         else:
-            note = previous_not_comparable(prev_bundle.metadata, expected_hash, test_start)
+            note = window_problem(prev_bundle.metadata, expected_hash, test_start) or scaler_problem(
+                previous_dir, scalers_dir)
             if note is None:
                 previous = backtest_loaded_bundle(prev_bundle, test, config, validation, random_baseline=False)
                 comparison = compare_backtests(current.result, previous.result, seed=config.seed)
@@ -179,6 +198,25 @@ def run_backtest_stage(
     report = backtest_report(current.result, comparison, extra=extra)
     files = write_backtest_outputs(out_dir, current, previous, report, fingerprint=fingerprint)
     return BacktestOutcome(current, previous, prev_name, note, comparison, report, files)
+
+
+def scaler_problem(bundle_dir: str | Path, scalers_dir: str | Path) -> str | None:
+    """Why the splits under ``scalers_dir``'s pipeline are not scaled as the bundle expects (None: they
+    are): the bundle's seq/snap scalers must be byte-identical to the ones that scaled the splits."""
+    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
+        mine, used = Path(bundle_dir) / name, Path(scalers_dir) / name
+        if not used.is_file():
+            return f"{used} (the scaler of the splits) is missing"
+        if sha256_file(mine) != sha256_file(used):
+            return f"its {name} differs from {used}, which scaled the test split"
+    return None
+
+
+def _first_sample_time(split: SplitArrays) -> pd.Timestamp:
+    ends = split.sample_end_rows
+    if len(ends) == 0:
+        raise BacktestRefused(f"the {split.split} split has no samples to backtest")
+    return pd.Timestamp(int(split.timestamp[ends].min()), tz="UTC")
 
 
 def write_backtest_outputs(out_dir: str | Path, current: ScoredBacktest, previous: ScoredBacktest | None,

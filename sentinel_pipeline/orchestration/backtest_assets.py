@@ -21,12 +21,14 @@ from typing import Any
 
 import dagster as dg
 
+from sentinel_pipeline.atomic_io import write_json_atomic, write_text_atomic
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.evaluation.backtest import BacktestConfig, rounded
 from sentinel_pipeline.evaluation.backtest_stage import (
     BACKTEST_RULES_VERSION,
     PLOT_NAME,
     REPORT_NAME,
+    BacktestRefused,
     comparison_markdown,
     comparison_row,
     run_backtest_stage,
@@ -181,8 +183,9 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
         else:
             try:
                 run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out,
-                                   config.to_backtest_config(), previous_dir=previous, fingerprint=fp)
-            except BundleNotVerifiedError as exc:
+                                   config.to_backtest_config(), previous_dir=previous, fingerprint=fp,
+                                   scalers_dir=paths.scalers_dir)
+            except (BundleNotVerifiedError, BacktestRefused) as exc:
                 raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
         report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
         metadata = backtest_metadata(report, out, variant)
@@ -220,8 +223,6 @@ def _report_status(context: dg.AssetExecutionContext, paths: Any, variant: str,
     description="Every variant's test-period backtest side by side (rounded), with whether each is current.",
 )
 def variant_comparison(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
-    from sentinel_pipeline.atomic_io import write_json_atomic, write_text_atomic
-
     paths = settings.paths()
     rows = []
     for variant in VARIANTS:
