@@ -282,6 +282,14 @@ def test_annualisation_follows_the_bars() -> None:
     res = run_backtest(crypto, BacktestConfig(entry="threshold", threshold=1.0), horizon=30, random_baseline=False)
     assert (res.info["bars_per_day"], res.info["periods_per_year"], res.info["sharpe_lag_days"]) == (24.0, 365.0, 2)
     assert res.metrics["n_days"] == 60 and res.info["bar_seconds"] == 3600.0
+    # FX: hourly from Sunday 22:00 to Friday 21:00 UTC; the Sunday bars open Monday's session
+    week = pd.date_range("2024-01-07 22:00", "2024-01-12 21:00", freq="1h", tz="UTC")
+    ts = pd.DatetimeIndex(np.concatenate([(week + pd.Timedelta(weeks=i)).to_numpy() for i in range(8)]), tz="UTC")
+    fx = one_symbol(np.zeros(len(ts)), np.ones(len(ts)))
+    fx["timestamp"] = ts
+    res = run_backtest(fx, BacktestConfig(entry="threshold", threshold=0.5), horizon=24, random_baseline=False)
+    assert res.info["periods_per_year"] == 252.0 and res.metrics["n_days"] == 8 * 5
+    assert res.info["bars_per_day"] == 24.0 and (res.daily["date"].dt.day_of_week < 5).all()
 
 
 def test_single_symbol_input_works_and_needs_a_threshold_from_outside_the_window() -> None:

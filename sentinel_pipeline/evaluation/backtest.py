@@ -43,11 +43,12 @@ slippage_bps) / 1e4 * |w - w_prev|`` on every change of weight (``w_prev`` = 0 a
 symbol's segment), plus the closing trade ``|w|`` after a segment's last row. The portfolio return of
 a timestamp is the sum over its rows (each interval's P&L is booked at the timestamp it starts at, so
 the overnight interval belongs to the day it starts on); equity compounds the per-bar net returns;
-a day's return is its end-of-day equity over the previous day's minus 1, over every UTC date with a bar
-(days without positions count as 0).
+a day's return is its end-of-day equity over the previous day's minus 1, over every trading day with a
+bar (days without positions count as 0). A trading day is the UTC date, except that where no bar falls
+on a Saturday (equities, FX), Sunday bars count towards Monday (FX opens on Sunday evening UTC).
 
 **Annualisation** from the data itself: bars per day = the median number of distinct timestamps per
-UTC date; periods per year = 252, or 365 when any bar falls on a Saturday (``replay.config.
+trading day; periods per year = 252, or 365 when any bar falls on a Saturday (``replay.config.
 periods_per_year``). The annualised Sharpe ratio is the daily Sharpe times ``sqrt(periods_per_year)``
 with Lo's (2002) standard error, Newey-West with ``lag = ceil(H / bars_per_day)`` days (at least the
 holding period: overlapping holdings make daily returns autocorrelated). Below ``min_days`` days or
@@ -225,6 +226,18 @@ class _Layout:
         return int(self.order.shape[0])
 
 
+def trading_days(times: pd.DatetimeIndex) -> pd.DatetimeIndex:
+    """The trading day (UTC midnight) each timestamp counts towards: its UTC date, except that in a
+    market shut on Saturdays (no Saturday bar) Sunday bars belong to Monday's session (FX opens on Sunday
+    evening UTC), so that such a market has 5 daily returns a week, as ``periods_per_year`` = 252 assumes."""
+    idx = pd.DatetimeIndex(times)
+    day = idx.normalize()
+    dow = idx.day_of_week
+    if not bool((dow == 5).any()):
+        day = day + pd.to_timedelta(np.where(dow == 6, 1, 0), unit="D")
+    return pd.DatetimeIndex(day)
+
+
 def _layout(predictions: pd.DataFrame, pad: int) -> _Layout:
     missing = [c for c in REQUIRED_COLUMNS if c not in predictions.columns]
     if missing:
@@ -251,7 +264,7 @@ def _layout(predictions: pd.DataFrame, pad: int) -> _Layout:
     ends = np.append(starts[1:] - 1, n - 1)
     times_ns, t_idx = np.unique(t_sorted, return_inverse=True)
     times = pd.DatetimeIndex(pd.to_datetime(times_ns, utc=True))
-    day_ns = times.normalize()
+    day_ns = trading_days(times)
     days, day_of_time = np.unique(day_ns.to_numpy("datetime64[ns]").astype(np.int64), return_inverse=True)
     tm_order = np.argsort(t_idx, kind="stable")
     tm_starts = np.searchsorted(t_idx[tm_order], np.arange(times.shape[0]))
