@@ -59,10 +59,11 @@ def _backtests(root: Path) -> list[str]:
     lines = [f"backtests ({root}): {len(reports)}"]
     for path in reports:
         r = json.loads(path.read_text())
-        m, rb = r["metrics"], r.get("random_baseline") or {}
+        m = r["metrics"]
         sharpe = f"{m['sharpe']:.2f}" if m.get("sharpe") is not None else "not reported"
-        p = (rb.get("sharpe_daily") or {}).get("p_value")
-        vs_random = f", p vs random {p:.3f}" if p is not None else ""
+        p = [((r.get(k) or {}).get("total_return") or {}).get("p_value") for k in ("random_baseline", "shifted_baseline")]
+        vs_random = (f", p of the net return vs random trades {p[0]:.3f}, vs its schedule moved in time {p[1]:.3f}"
+                     if None not in p else "")
         lines.append(f"  {path.parent.name}: {r.get('bundle')}  [{m['n_trades']} trades over {m['n_days']} days, "
                      f"net return {m['total_return']:+.2%}, Sharpe {sharpe}{vs_random}]")
     table = root / "variant_comparison.md"

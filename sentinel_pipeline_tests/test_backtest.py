@@ -201,17 +201,58 @@ def test_zero_skill_signal_sits_mid_distribution_and_an_oracle_on_top() -> None:
     for seed in range(8):
         table = random_walk_panel(10, 40, seed=seed)
         res = run_backtest(table, BacktestConfig(seed=seed), horizon=10)
-        summary = res.random.summary
-        percentiles.append((summary["sharpe_daily"]["percentile"], summary["total_return"]["percentile"]))
+        percentiles.append([b.summary[stat]["percentile"] for b in (res.random, res.shifted)
+                            for stat in ("sharpe_daily", "total_return")])
     mean = np.mean(percentiles, axis=0)
-    assert 25 < mean[0] < 75 and 25 < mean[1] < 75, percentiles
+    assert ((25 < mean) & (mean < 75)).all(), percentiles
     for lag in (0, 1):
         oracle = sees_next_return(random_walk_panel(10, 40, seed=99), lag)
         res = run_backtest(oracle, BacktestConfig(execution_lag=lag), horizon=10)
-        for stat in ("sharpe_daily", "total_return"):
-            s = res.random.summary[stat]
-            assert s["percentile"] == 100.0 and s["p_value"] == pytest.approx(1 / 1001), (lag, stat, s)
+        for baseline in (res.random, res.shifted):
+            for stat in ("sharpe_daily", "total_return"):
+                s = baseline.summary[stat]
+                assert s["percentile"] == 100.0 and s["p_value"] == pytest.approx(1 / 1001), (lag, stat, s)
         assert res.metrics["total_return"] > res.random.band["q95"].iloc[-1] - 1
+
+
+def persistent_signal(table: pd.DataFrame, seed: int, run_bars: int = 35) -> pd.DataFrame:
+    """A zero-skill signal that keeps its sign for ``run_bars`` bars (as a trend feature would)."""
+    out = table.sort_values(["symbol", "timestamp"]).copy()
+    n = len(out)
+    out["signal"] = np.repeat(np.random.default_rng(seed).choice([-1.0, 1.0], size=n // run_bars + 1), run_bars)[:n]
+    return out
+
+
+def test_the_shifted_baseline_is_calibrated_for_a_persistent_zero_skill_signal() -> None:
+    """Random-side trades turn over far more than a persistent position: against them a zero-skill
+    persistent signal lands in the tails; against its own schedule moved in time it does not."""
+    random_pct, shifted_pct = [], []
+    for seed in range(12):
+        table = persistent_signal(random_walk_panel(1, 40, seed=seed), seed)
+        res = run_backtest(table, BacktestConfig(entry="threshold", threshold=0.5, seed=seed), horizon=10)
+        random_pct.append(res.random.summary["total_return"]["percentile"])
+        shifted_pct.append(res.shifted.summary["total_return"]["percentile"])
+        assert (res.shifted.trades_per_strategy == res.metrics["n_trades"]).all()
+    extreme = lambda p: sum(v <= 1 or v >= 99 for v in p)  # noqa: E731
+    assert extreme(random_pct) >= 4, random_pct  # what the shifted baseline is for
+    assert extreme(shifted_pct) <= 2 and 25 < np.mean(shifted_pct) < 75, shifted_pct
+
+
+def test_caveats_flag_a_negative_sharpe_rank_random_only_edges_and_net_market_exposure() -> None:
+    # a market that only rises, a model that is always long: it beats random-sign strategies by beta
+    table = random_walk_panel(1, 40, seed=21)
+    table["fwd_ret_1"] = np.abs(table["fwd_ret_1"]) * 0.2
+    res = run_backtest(table.assign(signal=1.0), BacktestConfig(entry="threshold", threshold=0.5), horizon=5)
+    assert any("net long 100% of its gross exposure" in n for n in res.notes), res.notes
+    # a persistent zero-skill signal with heavy costs: it loses what random trades lose, more volatile,
+    # and beats random trades on cost alone, but not its own schedule moved in time
+    noise = persistent_signal(random_walk_panel(1, 40, seed=25), 25)
+    res = run_backtest(noise, BacktestConfig(entry="threshold", threshold=0.5, cost_bps=30.0), horizon=5)
+    s = res.random.summary["sharpe_daily"]
+    assert s["model"] < 0 and s["percentile"] > 90
+    assert any("flatters it" in n and "random strategies" in n for n in res.notes), res.notes
+    assert res.random.summary["total_return"]["p_value"] < 0.05 < res.shifted.summary["total_return"]["p_value"]
+    assert any("not from when" in n for n in res.notes), res.notes
 
 
 def test_random_baseline_keeps_the_trade_count_holding_rule_and_capacity() -> None:
@@ -224,8 +265,9 @@ def test_random_baseline_keeps_the_trade_count_holding_rule_and_capacity() -> No
     cfg = BacktestConfig(entry="cross_section", fraction=0.5, min_cross_section=2, n_random=1000, seed=1)
     res = run_backtest(table, cfg, horizon=5)
     assert res.metrics["n_trades"] > 0
-    assert res.random.trades_per_strategy.shape == (1000,)
+    assert res.random.trades_per_strategy.shape == res.shifted.trades_per_strategy.shape == (1000,)
     assert (res.random.trades_per_strategy == res.metrics["n_trades"]).all()
+    assert (res.shifted.trades_per_strategy == res.metrics["n_trades"]).all()
     # a single symbol: only timing and side are random, the count is still the model's
     single = random_walk_panel(1, 20, seed=4)
     res = run_backtest(single, BacktestConfig(entry="threshold", threshold=1.0), horizon=7)
@@ -367,6 +409,7 @@ def test_report_is_strict_json_and_the_plot_is_a_png(tmp_path) -> None:
     assert back["variant"] == "x" and back["rule"]["entry_rule"] == "cross_section"
     assert back["metrics"]["n_trades"] == res.metrics["n_trades"]
     assert back["random_baseline"]["sharpe_daily"]["p_value"] > 0
+    assert back["shifted_baseline"]["total_return"]["n"] == 1000
     assert back["vs_previous"]["mean_daily_return"]["delta"] is not None
     assert rounded(0.123456, 3) == 0.123 and rounded(123456.0, 2) == 120000.0 and rounded(7) == 7
     png = plot_backtest(res, tmp_path / "bt.png", previous=prev, title="x")

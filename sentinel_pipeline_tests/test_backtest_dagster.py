@@ -119,7 +119,9 @@ def test_backtest_runs_after_the_verified_bundle_and_writes_only_outside_it(good
     assert md["n_trades"] > 0 and md["n_days"] >= 5
     assert md["entry_rule"].startswith("cross_section, hold 10 bars, lag 1")  # 20 symbols; horizon 10
     assert "data:image/png;base64," in md["equity_drawdown"]
-    assert 0 < md["p_vs_random_sharpe"] <= 1 and 0 <= md["percentile_vs_random_sharpe"] <= 100
+    for base in ("random", "shifted"):
+        assert 0 < md[f"p_vs_{base}_sharpe"] <= 1 and 0 <= md[f"percentile_vs_{base}_total_return"] <= 100
+    assert md["random_baselines"].count("\n| ") == 4  # 2 baselines x 2 statistics
     # the small market's test split spans days, not months: no annualised Sharpe, and a note saying why
     assert md["sharpe"] == "not reported (see notes)" and "min_days 30" in md["notes"]
     assert md["previous_bundle"].startswith("none")
@@ -128,8 +130,11 @@ def test_backtest_runs_after_the_verified_bundle_and_writes_only_outside_it(good
     assert {p.name for p in out.iterdir()} == OUTPUTS
     report = json.loads((out / "backtest_report.json").read_text())
     assert report["bundle"] == bundle.name and report["variant"] == VARIANT
-    assert report["random_baseline"]["n"] == 1000
-    assert report["random_baseline"]["n_trades_each"] == report["metrics"]["n_trades"]
+    for base in ("random_baseline", "shifted_baseline"):
+        assert report[base]["n"] == 1000 and report[base]["n_trades_each"] == report["metrics"]["n_trades"]
+    strategies = pd.read_parquet(out / "random_strategies.parquet")
+    assert strategies.groupby("baseline").size().to_dict() == {"random": 1000, "shifted": 1000}
+    assert (strategies["n_trades"] == report["metrics"]["n_trades"]).all()
     assert report["test_split"]["path"].endswith("test.h5")
     # the bundle holds its manifest's files, the manifest and its verification record, nothing else
     manifest = json.loads((bundle / MANIFEST_NAME).read_text())

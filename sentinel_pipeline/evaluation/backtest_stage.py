@@ -14,7 +14,7 @@ The bundle directory is only read: everything goes to ``out_dir`` (the pipeline'
 ``trades.parquet``        one row per trade
 ``positions.parquet``     per test sample: signal, entry side, weight, P&L, cost
 ``predictions.parquet``   the scored test split (``score_split``)
-``random_strategies.parquet``  per random strategy: daily Sharpe, total return
+``random_strategies.parquet``  per strategy of both baselines: daily Sharpe, total return, trades
 ====================  ===================================================================
 
 A bundle is judged on the test window only when it has not seen it: same feature contract as the test
@@ -244,8 +244,10 @@ def write_backtest_outputs(out_dir: str | Path, current: ScoredBacktest, previou
         current.predictions.to_parquet(tmp / names["predictions"], index=False)
         if res.random is not None:
             names["random"] = "random_strategies.parquet"
-            pd.DataFrame({"sharpe_daily": res.random.sharpe_daily, "total_return": res.random.total_return,
-                          "n_trades": res.random.trades_per_strategy}).to_parquet(tmp / names["random"], index=False)
+            parts = [pd.DataFrame({"baseline": name, "sharpe_daily": d.sharpe_daily, "total_return": d.total_return,
+                                   "n_trades": d.trades_per_strategy})
+                     for name, d in (("random", res.random), ("shifted", res.shifted)) if d is not None]
+            pd.concat(parts, ignore_index=True).to_parquet(tmp / names["random"], index=False)
         if fingerprint is not None:
             outputs = [tmp / n for n in names.values()]
             # recorded relative to the directory, so the record holds once the directory is renamed
@@ -257,7 +259,8 @@ def write_backtest_outputs(out_dir: str | Path, current: ScoredBacktest, previou
 
 COMPARISON_COLUMNS: tuple[str, ...] = (
     "variant", "status", "bundle", "entry_rule", "n_trades", "n_days", "total_return", "sharpe",
-    "sharpe_ci", "p_vs_random_sharpe", "p_vs_random_return", "max_drawdown", "daily_turnover",
+    "sharpe_ci", "p_vs_random_sharpe", "p_vs_random_return", "p_vs_shifted_sharpe", "p_vs_shifted_return",
+    "max_drawdown", "daily_turnover",
     "gross_exposure", "hit_rate", "mean_trade_return", "delta_sharpe_vs_previous",
 )
 
@@ -267,12 +270,11 @@ def comparison_row(variant: str, report: Mapping[str, Any] | None, status: str, 
     if report is None:
         return {"variant": variant, "status": status, **dict.fromkeys(COMPARISON_COLUMNS[2:], "")}
     m = report.get("metrics", {})
-    rb = report.get("random_baseline") or {}
     vs = (report.get("vs_previous") or {}).get("sharpe") or {}
     r = rounded(dict(m), digits)
 
-    def pv(stat: str) -> Any:
-        return rounded((rb.get(stat) or {}).get("p_value"), digits)
+    def pv(base: str, stat: str) -> Any:
+        return rounded(((report.get(base) or {}).get(stat) or {}).get("p_value"), digits)
 
     ci = ""
     if m.get("sharpe") is not None:
@@ -283,7 +285,11 @@ def comparison_row(variant: str, report: Mapping[str, Any] | None, status: str, 
         "n_trades": m.get("n_trades"), "n_days": m.get("n_days"),
         "total_return": r.get("total_return"),
         "sharpe": r.get("sharpe") if m.get("sharpe") is not None else "not reported",
-        "sharpe_ci": ci, "p_vs_random_sharpe": pv("sharpe_daily"), "p_vs_random_return": pv("total_return"),
+        "sharpe_ci": ci,
+        "p_vs_random_sharpe": pv("random_baseline", "sharpe_daily"),
+        "p_vs_random_return": pv("random_baseline", "total_return"),
+        "p_vs_shifted_sharpe": pv("shifted_baseline", "sharpe_daily"),
+        "p_vs_shifted_return": pv("shifted_baseline", "total_return"),
         "max_drawdown": r.get("max_drawdown"), "daily_turnover": r.get("mean_daily_turnover"),
         "gross_exposure": r.get("mean_gross_exposure"), "hit_rate": r.get("hit_rate"),
         "mean_trade_return": r.get("mean_trade_return"),

@@ -91,7 +91,6 @@ def _num(v: Any) -> Any:
 def backtest_metadata(report: dict[str, Any], out: Path, variant: str) -> dict[str, Any]:
     """UI metadata of a backtest report: headline numbers (rounded), tables, notes and the plot."""
     m, rule = report["metrics"], report["rule"]
-    rb = report.get("random_baseline") or {}
     vs = report.get("vs_previous") or {}
     md: dict[str, Any] = {
         "bundle": report["bundle"],
@@ -112,16 +111,21 @@ def backtest_metadata(report: dict[str, Any], out: Path, variant: str) -> dict[s
             md["sortino"] = _num(m["sortino"])
     else:
         md["sharpe"] = "not reported (see notes)"
-    for stat, label in (("sharpe_daily", "sharpe"), ("total_return", "total_return")):
-        s = rb.get(stat) or {}
-        if s.get("p_value") is not None:
-            md[f"p_vs_random_{label}"] = _num(s["p_value"])
-            md[f"percentile_vs_random_{label}"] = _num(s["percentile"])
-    if rb:
-        rows = [{"statistic": stat, **{k: _num(v) for k, v in (rb.get(stat) or {}).items()}}
-                for stat in ("sharpe_daily", "total_return")]
-        md["random_baseline"] = md_table(rows)
-        md["random_seconds"] = _num(rb.get("seconds"))
+    for base, key in (("random", "random_baseline"), ("shifted", "shifted_baseline")):
+        summary = report.get(key) or {}
+        for stat, label in (("sharpe_daily", "sharpe"), ("total_return", "total_return")):
+            s = summary.get(stat) or {}
+            if s.get("p_value") is not None:
+                md[f"p_vs_{base}_{label}"] = _num(s["p_value"])
+                md[f"percentile_vs_{base}_{label}"] = _num(s["percentile"])
+    rows = [{"baseline": base, "statistic": stat, "entry": (report.get(key) or {}).get("entry"),
+             **{k: _num(v) for k, v in ((report.get(key) or {}).get(stat) or {}).items()}}
+            for base, key in (("random", "random_baseline"), ("shifted", "shifted_baseline")) if report.get(key)
+            for stat in ("sharpe_daily", "total_return")]
+    if rows:
+        md["random_baselines"] = md_table(rows)
+        md["random_seconds"] = _num(sum((report.get(k) or {}).get("seconds") or 0.0
+                                        for k in ("random_baseline", "shifted_baseline")))
     if vs:
         rows = []
         for stat in ("mean_daily_return", "sharpe", "total_return"):
@@ -157,7 +161,8 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
         pool=WRITE_POOL,
         automation_condition=BACKTEST_AUTOMATION,
         description=f"Test-period portfolio backtest of the verified `{variant}` bundle, net of costs, against "
-        "1000 random strategies with its trade count and the previous verified bundle.",
+        "random strategies with its trade count (random trades; its own schedule moved in time) and the "
+        "previous verified bundle.",
     )
     def _backtest(context: dg.AssetExecutionContext, config: BacktestRunConfig, settings: PipelineSettings):
         paths = settings.paths()
