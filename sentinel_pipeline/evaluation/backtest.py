@@ -960,12 +960,12 @@ def plot_backtest(result: BacktestResult, path: str | Path, *, previous: Backtes
         if result.random is not None:
             band = result.random.band
             ax.fill_between(days, band["q05"], band["q95"], color="0.8", alpha=0.7,
-                            label=f"random {result.random.n} strategies, 5-95 %")
+                            label=f"{result.random.n} random trades strategies, 5-95 %")
             ax.plot(days, band["q50"], color="0.45", lw=1, ls="--", label="random median")
         if result.shifted is not None:
             band = result.shifted.band
             ax.plot(days, band["q05"], color="tab:green", lw=0.8, ls="--",
-                    label="own schedule moved in time, 5 / 95 %")
+                    label=f"{result.shifted.n} x own schedule moved in time, 5 / 95 %")
             ax.plot(days, band["q95"], color="tab:green", lw=0.8, ls="--")
         if previous is not None:
             prev = previous.daily.set_index("date")["equity"].reindex(result.daily["date"])
