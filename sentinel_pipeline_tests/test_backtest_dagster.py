@@ -102,11 +102,6 @@ def good(built: Built) -> Iterator[Good]:
         instance.dispose()
 
 
-def impossible_gates(path: Path) -> Path:
-    path.write_text(json.dumps({VARIANT: {"min_rank_ic": 2.0}}))
-    return path
-
-
 def report_bytes(good: Good) -> bytes:
     return (backtest_dir(good.home.paths, VARIANT) / "backtest_report.json").read_bytes()
 
@@ -162,11 +157,13 @@ def test_unchanged_rerun_is_reused_and_the_comparison_tabulates_every_variant(go
     assert [r["variant"] for r in saved["variants"]] == list(VARIANTS)
 
 
-def test_failing_check_keeps_the_backtest_out_of_the_same_run(good: Good, tmp_path: Path) -> None:
+def test_failing_check_keeps_the_backtest_out_of_the_same_run(good: Good) -> None:
     before = report_bytes(good)
-    result = good.home.run(good.instance, gates_file=impossible_gates(tmp_path / "gates.json"),
-                           selection=[BUNDLE, BACKTEST])
+    flip_byte(good.bundle)  # the training run is reused as it is; its bundle no longer matches its manifest
+    result = good.home.run(good.instance, selection=[BUNDLE, BACKTEST])
     assert not result.success
+    evaluation = check_evaluations(result)[f"bundle_{VARIANT}:{CHECK_NAME}"]
+    assert not evaluation.passed and "manifest" in (evaluation.description or "")
     steps = started_steps(result)
     assert f"bundle_{VARIANT}" in steps and f"bundle_{VARIANT}_{CHECK_NAME}" in steps
     assert f"backtest_{VARIANT}" not in steps
@@ -174,19 +171,20 @@ def test_failing_check_keeps_the_backtest_out_of_the_same_run(good: Good, tmp_pa
     assert report_bytes(good) == before
 
 
-def test_backtest_refuses_in_a_later_run_after_a_failed_check_or_a_changed_bundle(
-    good: Good, tmp_path: Path
-) -> None:
+def test_backtest_refuses_in_a_later_run_after_a_failed_check_or_a_changed_bundle(good: Good) -> None:
     home, instance = good.home, good.instance
     before = report_bytes(good)
-    failed = home.run(instance, "checks_only", gates_file=impossible_gates(tmp_path / "gates.json"))
+    flip_byte(good.bundle)
+    failed = home.run(instance, "checks_only")
     assert not check_evaluations(failed)[f"bundle_{VARIANT}:{CHECK_NAME}"].passed
     result = home.run(instance, selection=[BACKTEST])
     message = step_failures(result)[f"backtest_{VARIANT}"]
-    assert "refused" in message and f"'{CHECK_NAME}'" in message and "quality_gates" in message, message
+    assert "refused" in message and f"'{CHECK_NAME}'" in message and "manifest" in message, message
     assert materializations(result) == {} and report_bytes(good) == before
 
-    # the check passes again, then the bundle changes without re-verification: its own record refuses
+    # the byte flipped back, the check passes again; then the bundle changes without re-verification:
+    # the Dagster record says "passed", the bundle's own record refuses
+    flip_byte(good.bundle)
     assert check_evaluations(home.run(instance, "checks_only"))[f"bundle_{VARIANT}:{CHECK_NAME}"].passed
     flip_byte(good.bundle)
     result = home.run(instance, selection=[BACKTEST])
@@ -195,9 +193,7 @@ def test_backtest_refuses_in_a_later_run_after_a_failed_check_or_a_changed_bundl
     assert report_bytes(good) == before
 
 
-def test_automation_requests_the_backtest_only_once_the_new_bundle_passed_its_check(
-    good: Good, tmp_path: Path
-) -> None:
+def test_automation_requests_the_backtest_only_once_the_new_bundle_passed_its_check(good: Good) -> None:
     home, instance = good.home, good.instance
     defs = home.defs()
 
@@ -211,12 +207,14 @@ def test_automation_requests_the_backtest_only_once_the_new_bundle_passed_its_ch
     )
     result = tick(result.cursor)
     assert result.get_num_requested(BACKTEST) == 0  # not verified yet
-    home.run(instance, "checks_only", gates_file=impossible_gates(tmp_path / "gates.json"))
+    flip_byte(good.bundle)
+    assert not check_evaluations(home.run(instance, "checks_only"))[f"bundle_{VARIANT}:{CHECK_NAME}"].passed
     result = tick(result.cursor)
     assert result.get_num_requested(BACKTEST) == 0  # verification failed
     evaluation = next(r for r in result.results if r.key == BACKTEST)
     parts = {c.condition.get_label(): c.true_subset.size for c in evaluation.child_results}
     assert parts == {"eager": 1, "all_deps_blocking_checks_passed": 0}
+    flip_byte(good.bundle)  # flipped back: the bundle is intact again
     home.run(instance, "checks_only")
     result = tick(result.cursor)
     assert result.get_num_requested(BACKTEST) == 1
