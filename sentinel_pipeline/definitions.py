@@ -2,11 +2,13 @@
 
 Graph: raw_bars -> feature_contract/features -> labelled_dataset -> dataset_splits -> seq/snap scalers
 -> hdf5_splits -> arrow_cache -> bundle_<variant> (blocking check ``bundle_verified``) ->
-replay_<variant> (check ``train_serve_parity``), for every variant of the model registry.
+replay_<variant> (check ``train_serve_parity``) and backtest_<variant> (test split), for every variant of
+the model registry; variant_comparison tabulates the backtests.
 """
 
 import dagster as dg
 
+from sentinel_pipeline.orchestration.backtest_assets import BACKTEST_ASSETS
 from sentinel_pipeline.orchestration.bundle_checks import BUNDLE_CHECKS, VerificationSettings
 from sentinel_pipeline.orchestration.data_assets import DATA_ASSETS, DataHalfSettings
 from sentinel_pipeline.orchestration.data_checks import DATA_CHECKS
@@ -23,13 +25,20 @@ RESOURCES = {
     "pipes_client": dg.PipesSubprocessClient(),
 }
 
-ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS]
+ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS]
 
 # evaluates the replay assets' automation condition (eager, and only when every blocking check of their
 # dependencies passed): a newly verified bundle is replayed without anyone clicking; on by default
 replay_automation = dg.AutomationConditionSensorDefinition(
     "replay_automation",
     target=dg.AssetSelection.assets(*REPLAY_ASSETS),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+# the same guarantee for the backtests (a newly verified bundle is backtested, a failed one never) and the
+# variant comparison once its backtests are updated; on by default
+backtest_automation = dg.AutomationConditionSensorDefinition(
+    "backtest_automation",
+    target=dg.AssetSelection.assets(*BACKTEST_ASSETS),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 CHECKS = [*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS]
@@ -44,6 +53,6 @@ defs = dg.Definitions(
     asset_checks=CHECKS,
     jobs=[full_pipeline, ci_gate, checks_only],
     schedules=[nightly_rebuild],
-    sensors=[replay_automation],
+    sensors=[replay_automation, backtest_automation],
     resources=RESOURCES,
 )

@@ -1,7 +1,7 @@
 """``python -m sentinel_pipeline.summary``: where a pipeline instance's results are, and their state.
 
 Reads only files (no Dagster): the data-half artefacts, every bundle with its latest verification
-verdict, and the replay report next to each bundle.
+verdict, the replay report next to each bundle, and the test-period backtest of each variant.
 """
 
 from __future__ import annotations
@@ -57,6 +57,25 @@ def summarise(paths: ArtifactPaths) -> list[str]:
             m = json.loads(replay.read_text())["current"]["metrics"]
             extra = f"; replay: {m.get('n_trades_created')} trades, hit rate {m.get('hit_rate')}, sharpe {m.get('sharpe')}"
         lines.append(f"  {b.name}  [{_verdict(b)}{extra}]")
+    lines += _backtests(paths.artifacts / "backtest")
+    return lines
+
+
+def _backtests(root: Path) -> list[str]:
+    reports = sorted(root.glob("*/backtest_report.json")) if root.is_dir() else []
+    lines = [f"backtests ({root}): {len(reports)}"]
+    for path in reports:
+        r = json.loads(path.read_text())
+        m = r["metrics"]
+        sharpe = f"{m['sharpe']:.2f}" if m.get("sharpe") is not None else "not reported"
+        p = [((r.get(k) or {}).get("total_return") or {}).get("p_value") for k in ("random_baseline", "shifted_baseline")]
+        vs_random = (f", p of the net return vs random trades {p[0]:.3f}, vs its schedule moved in time {p[1]:.3f}"
+                     if None not in p else "")
+        lines.append(f"  {path.parent.name}: {r.get('bundle')}  [{m['n_trades']} trades over {m['n_days']} days, "
+                     f"net return {m['total_return']:+.2%}, Sharpe {sharpe}{vs_random}]")
+    table = root / "variant_comparison.md"
+    if table.exists():
+        lines.append(f"  side by side: {table}")
     return lines
 
 
