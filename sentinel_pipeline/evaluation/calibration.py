@@ -31,12 +31,7 @@ import pandas as pd
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
 from sentinel_pipeline.evaluation.skill_gates import directional_skill
 from sentinel_pipeline.paths import ArtifactPaths
-from sentinel_pipeline.training.config import (
-    PIPELINE_BATCH_SIZES,
-    PIPELINE_TRAINING,
-    PIPELINE_VARIANT_TRAINING,
-    TrainConfig,
-)
+from sentinel_pipeline.training.config import pipeline_train_config
 
 DEFAULT_VARIANTS: tuple[str, ...] = ("mlp_two_head", "seq_ctx_fusion", "transformer_tbm")
 
@@ -55,21 +50,6 @@ def build_market(
     run_data_half(paths, DataHalfConfig(synthetic=market, labels=labels), log=lambda _m: None)
     log(f"[calibration] market seed {market.seed} strength {market.signal_strength}: data half done")
     return paths
-
-
-def pipeline_train_config(paths: ArtifactPaths, variant: str, out_dir: Path, **overrides: Any) -> TrainConfig:
-    """The training run the pipeline's ``bundle_<variant>`` asset would make on ``paths``."""
-    return TrainConfig(
-        train_h5=paths.h5("train"),
-        val_h5=paths.h5("val"),
-        feature_schema=paths.feature_schema,
-        out_dir=out_dir,
-        model=variant,
-        scalers_dir=paths.scalers_dir,
-        models_dir=paths.models_dir,
-        **{**PIPELINE_TRAINING, "batch_size": PIPELINE_BATCH_SIZES.get(variant),
-           **PIPELINE_VARIANT_TRAINING.get(variant, {}), **overrides},
-    )
 
 
 def calibrate_market(

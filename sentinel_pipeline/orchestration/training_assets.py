@@ -20,6 +20,7 @@ from sentinel_pipeline.training.config import (
     PIPELINE_TRAINING,
     PIPELINE_VARIANT_TRAINING,
     TrainConfig,
+    pipeline_train_config,
 )
 from sentinel_pipeline.training.engine import completed_run
 from sentinel_pipeline.training.models import VARIANTS
@@ -67,16 +68,8 @@ def bundle_asset_key(variant: str) -> dg.AssetKey:
 
 
 def train_config_for(paths: Any, variant: str, cfg: TrainingRunConfig, out_dir: Path) -> TrainConfig:
-    return TrainConfig(
-        train_h5=paths.h5("train"),
-        val_h5=paths.h5("val"),
-        feature_schema=paths.feature_schema,
-        out_dir=out_dir,
-        model=variant,
-        scalers_dir=paths.scalers_dir,
-        models_dir=paths.models_dir,
-        **PIPELINE_VARIANT_TRAINING.get(variant, {}),
-        **{**cfg.model_dump(), "batch_size": cfg.batch_size or PIPELINE_BATCH_SIZES.get(variant)},
+    return pipeline_train_config(
+        paths, variant, out_dir, **{**cfg.model_dump(), "batch_size": cfg.batch_size or PIPELINE_BATCH_SIZES.get(variant)}
     )
 
 

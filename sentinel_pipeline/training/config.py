@@ -49,6 +49,22 @@ PIPELINE_BATCH_SIZES: dict[str, int] = {"mlp_two_head": 256, "transformer_tbm": 
 PIPELINE_VARIANT_TRAINING: dict[str, dict[str, Any]] = {"transformer_tbm": {"seq_len": 10}}
 
 
+def pipeline_train_config(paths: Any, variant: str, out_dir: Path, **overrides: Any) -> TrainConfig:
+    """The run the pipeline's ``bundle_<variant>`` asset makes on ``paths`` (an ``ArtifactPaths``):
+    :data:`PIPELINE_TRAINING`, the variant's batch size and settings, then ``overrides``."""
+    return TrainConfig(
+        train_h5=paths.h5("train"),
+        val_h5=paths.h5("val"),
+        feature_schema=paths.feature_schema,
+        out_dir=out_dir,
+        model=variant,
+        scalers_dir=paths.scalers_dir,
+        models_dir=paths.models_dir,
+        **{**PIPELINE_TRAINING, "batch_size": PIPELINE_BATCH_SIZES.get(variant),
+           **PIPELINE_VARIANT_TRAINING.get(variant, {}), **overrides},
+    )
+
+
 class ConfigError(ValueError):
     """A training configuration is invalid (unknown key, bad value, missing required path)."""
 
