@@ -112,6 +112,7 @@ from sentinel_pipeline.atomic_io import atomic_path
 from sentinel_pipeline.evaluation.predictions import bar_seconds
 from sentinel_pipeline.evaluation.statistics import block_bootstrap_ci, hac_mean_test, sharpe_ratio_ci
 from sentinel_pipeline.replay.config import periods_per_year
+from sentinel_pipeline.replay.report import jsonable
 
 WEIGHTINGS: tuple[str, ...] = ("equal", "signal")
 ENTRY_RULES: tuple[str, ...] = ("auto", "cross_section", "threshold")
@@ -898,25 +899,6 @@ def compare_backtests(current: BacktestResult, previous: BacktestResult, *, n_bo
 # -- report and plot --------------------------------------------------------------------------------
 
 
-def _plain(obj: Any) -> Any:
-    """JSON-able: NumPy scalars as Python values, timestamps as ISO text, NaN/inf as None."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, pd.Timestamp):
-        return obj.isoformat()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def rounded(obj: Any, digits: int = 4) -> Any:
     """``obj`` with every float rounded to ``digits`` significant digits (for reading; ints untouched)."""
     if isinstance(obj, Mapping):
@@ -943,7 +925,7 @@ def backtest_report(result: BacktestResult, comparison: Mapping[str, Any] | None
     }
     if comparison is not None:
         report["vs_previous"] = dict(comparison)
-    return _plain(report)
+    return jsonable(report)
 
 
 def plot_backtest(result: BacktestResult, path: str | Path, *, previous: BacktestResult | None = None,
