@@ -76,6 +76,15 @@ class WriteError(OSError):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (worker processes), message kept as it was
+        return (_rebuild_write_error, (str(self.path), self.errno, self.needed_bytes, self.message))
+
+
+def _rebuild_write_error(path: str, code: int, needed_bytes: int | None, message: str) -> WriteError:
+    err = WriteError(path, code, needed_bytes=needed_bytes)
+    err.message = message
+    return err
+
 
 def _mb(n: int) -> str:
     return f"{n / _MB:.1f} MB" if n < 10 * _MB else f"{n / _MB:.0f} MB"

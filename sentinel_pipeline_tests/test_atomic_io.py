@@ -258,3 +258,34 @@ def test_training_on_a_read_only_models_directory_fails_before_training(
         models.chmod(0o755)
     assert epochs == [] and not (tmp_path / "run" / "train_log.txt").exists()  # not a single epoch
     assert seconds < 5, seconds
+
+
+def test_write_error_survives_pickling(tmp_path: Path) -> None:
+    import pickle
+
+    err = WriteError(tmp_path / "bundle", errno.ENOSPC, needed_bytes=5 * 1024 * 1024)
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, WriteError) and str(back) == str(err) and back.errno == errno.ENOSPC
+    assert str(err).startswith(f"cannot write {tmp_path / 'bundle'}: the disk is full (needs ~5.0 MB, ")
+
+
+def test_training_cli_on_a_full_models_disk_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from sentinel_pipeline import train as cli
+    from sentinel_pipeline_tests.training_fixtures import make_training_data
+
+    data = make_training_data(tmp_path / "data")
+    models = tmp_path / "models"
+    models.mkdir()
+    try:
+        _deny_writes_under(models, monkeypatch, errno.ENOSPC)
+        code = cli.main(["--train-h5", str(data.train_h5), "--val-h5", str(data.val_h5), "--feature-schema",
+                         str(data.schema), "--out-dir", str(tmp_path / "run"), "--seq-len", str(data.contract.seq_len),
+                         "--threads", "1", "--device", "cpu", "--no-progress", "--epochs", "1",
+                         "--models-dir", str(models)])
+    finally:
+        models.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"cannot write {models}: the disk is full" in err and "Traceback" not in err, err
