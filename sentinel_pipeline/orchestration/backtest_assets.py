@@ -33,6 +33,7 @@ from sentinel_pipeline.evaluation.backtest_stage import (
     comparison_row,
     run_backtest_stage,
 )
+from sentinel_pipeline.locking import bundle_lock, exclusive_lock
 from sentinel_pipeline.orchestration.bundle_checks import current_bundle
 from sentinel_pipeline.orchestration.data_assets import hdf5_splits, upstream_fingerprint
 from sentinel_pipeline.orchestration.metadata import image, md_table
@@ -167,32 +168,37 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
     def _backtest(context: dg.AssetExecutionContext, config: BacktestRunConfig, settings: PipelineSettings):
         paths = settings.paths()
         bundle = current_bundle(context.instance, paths, variant)
-        refusal = dagster_verification_refusal(context.instance, variant)
-        if refusal is not None:
-            raise dg.Failure(description=f"backtest of {bundle.name} refused: {refusal}")
-        expected = read_contract(paths.feature_contract).hash
-        try:
-            record = require_verified(bundle, expected)
-        except BundleNotVerifiedError as exc:
-            raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
-        previous = previous_verified_bundle(paths.models_dir, variant, bundle)
-        fp = fingerprint(
-            stage="backtest", rules=BACKTEST_RULES_VERSION, bundle=bundle.name,
-            manifest=record.get("manifest_digest"), previous=previous.name if previous else None,
-            hdf5=upstream_fingerprint(paths.hdf5_dir, "hdf5_splits"), config=config.model_dump(),
-        )
-        out = backtest_dir(paths, variant)
-        reused = fresh_record(out, fp) is not None
-        if reused:
-            context.log.info(f"inputs unchanged (fingerprint {fp[:12]}): reusing {out}")
-        else:
+        # shared lock on the bundle (its verification, exclusive, cannot run while it is read) and an
+        # exclusive one on the output directory (two backtests of the variant would replace it at once);
+        # the latter's file sits beside the directory, which is replaced as a whole
+        with bundle_lock(bundle, shared=True), exclusive_lock(backtest_dir(paths, variant).parent,
+                                                              name=f".{variant}.lock"):
+            refusal = dagster_verification_refusal(context.instance, variant)
+            if refusal is not None:
+                raise dg.Failure(description=f"backtest of {bundle.name} refused: {refusal}")
+            expected = read_contract(paths.feature_contract).hash
             try:
-                run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out,
-                                   config.to_backtest_config(), previous_dir=previous, fingerprint=fp,
-                                   scalers_dir=paths.scalers_dir)
-            except (BundleNotVerifiedError, BacktestRefused) as exc:
+                record = require_verified(bundle, expected)
+            except BundleNotVerifiedError as exc:
                 raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
-        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+            previous = previous_verified_bundle(paths.models_dir, variant, bundle)
+            fp = fingerprint(
+                stage="backtest", rules=BACKTEST_RULES_VERSION, bundle=bundle.name,
+                manifest=record.get("manifest_digest"), previous=previous.name if previous else None,
+                hdf5=upstream_fingerprint(paths.hdf5_dir, "hdf5_splits"), config=config.model_dump(),
+            )
+            out = backtest_dir(paths, variant)
+            reused = fresh_record(out, fp) is not None
+            if reused:
+                context.log.info(f"inputs unchanged (fingerprint {fp[:12]}): reusing {out}")
+            else:
+                try:
+                    run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out,
+                                       config.to_backtest_config(), previous_dir=previous, fingerprint=fp,
+                                       scalers_dir=paths.scalers_dir)
+                except (BundleNotVerifiedError, BacktestRefused) as exc:
+                    raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
+            report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
         metadata = backtest_metadata(report, out, variant)
         metadata.update({"reused": reused, "input_fingerprint": fp[:16]})
         return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fp[:16]))

@@ -8,6 +8,7 @@ import dagster as dg
 
 from sentinel_pipeline.bundles import list_bundles
 from sentinel_pipeline.data.feature_contract import read_contract
+from sentinel_pipeline.locking import bundle_lock
 from sentinel_pipeline.orchestration.metadata import md_table
 from sentinel_pipeline.orchestration.settings import PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
@@ -82,8 +83,9 @@ def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
         bundle = current_bundle(context.instance, paths, variant)
         expected = read_contract(paths.feature_contract).hash
         gates = load_gates(verification.gates_file) if verification.gates_file else None
-        report = verify_bundle(bundle, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"), gates=gates)
-        write_verification_record(bundle, report)
+        with bundle_lock(bundle):  # exclusive: no reader while it is verified and its record written
+            report = verify_bundle(bundle, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"), gates=gates)
+            write_verification_record(bundle, report)
         context.log.info(report.render())
         rows = [{"check": c.name, "passed": c.passed, "detail": c.detail} for c in report.checks]
         metadata: dict[str, Any] = {

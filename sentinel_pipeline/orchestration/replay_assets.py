@@ -19,6 +19,7 @@ import pandas as pd
 from sentinel_pipeline.atomic_io import atomic_path
 from sentinel_pipeline.bundles import BundleError, list_bundles, load_bundle
 from sentinel_pipeline.data.feature_contract import read_contract
+from sentinel_pipeline.locking import bundle_lock
 from sentinel_pipeline.orchestration.bundle_checks import (
     CHECK_NAME,
     bundle_check_key,
@@ -108,30 +109,33 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
     def _replay(context: dg.AssetExecutionContext, config: ReplayRunConfig, settings: PipelineSettings):
         paths = settings.paths()
         bundle = current_bundle(context.instance, paths, variant)
-        refusal = dagster_verification_refusal(context.instance, variant)
-        if refusal is not None:
-            raise dg.Failure(description=f"replay of {bundle.name} refused: {refusal}")
-        expected = read_contract(paths.feature_contract).hash
-        try:
-            require_verified(bundle, expected)
-        except BundleNotVerifiedError as exc:
-            raise dg.Failure(description=f"replay of {bundle.name} refused: {exc}") from exc
-        current = load_bundle(bundle, expected)
-        prev_path = previous_verified_bundle(paths.models_dir, variant, bundle)
-        previous = None
-        if prev_path is not None:
+        # shared lock on the bundle: its verification (exclusive) cannot run while replay reads it;
+        # another replay may (its outputs are written atomically)
+        with bundle_lock(bundle, shared=True):
+            refusal = dagster_verification_refusal(context.instance, variant)
+            if refusal is not None:
+                raise dg.Failure(description=f"replay of {bundle.name} refused: {refusal}")
+            expected = read_contract(paths.feature_contract).hash
             try:
-                previous = load_bundle(prev_path)
-            except BundleError as exc:
-                context.log.warning(f"previous bundle {prev_path.name} cannot be loaded: {exc}")
-        bars = pd.read_parquet(paths.bars)
-        comparison = replay_comparison(current, previous, bars, config.to_replay_config())
-        out = replay_dir(paths, variant)
-        files = write_replay_outputs(comparison, out)
-        with atomic_path(out / "replay_features.parquet") as tmp:
-            comparison.current.raw_features.to_parquet(tmp, index=False)
-        _copy_atomic(files["report"], bundle / "replay_report.json")
-        _copy_atomic(files["equity_curves"], bundle / "replay_equity.png")
+                require_verified(bundle, expected)
+            except BundleNotVerifiedError as exc:
+                raise dg.Failure(description=f"replay of {bundle.name} refused: {exc}") from exc
+            current = load_bundle(bundle, expected)
+            prev_path = previous_verified_bundle(paths.models_dir, variant, bundle)
+            previous = None
+            if prev_path is not None:
+                try:
+                    previous = load_bundle(prev_path)
+                except BundleError as exc:
+                    context.log.warning(f"previous bundle {prev_path.name} cannot be loaded: {exc}")
+            bars = pd.read_parquet(paths.bars)
+            comparison = replay_comparison(current, previous, bars, config.to_replay_config())
+            out = replay_dir(paths, variant)
+            files = write_replay_outputs(comparison, out)
+            with atomic_path(out / "replay_features.parquet") as tmp:
+                comparison.current.raw_features.to_parquet(tmp, index=False)
+            _copy_atomic(files["report"], bundle / "replay_report.json")
+            _copy_atomic(files["equity_curves"], bundle / "replay_equity.png")
 
         m = comparison.current.metrics
         table = comparison.table.reset_index()

@@ -22,7 +22,7 @@ from sentinel_pipeline.training.config import (
     TrainConfig,
     pipeline_train_config,
 )
-from sentinel_pipeline.training.engine import completed_run
+from sentinel_pipeline.training.engine import completed_run_if_idle
 from sentinel_pipeline.training.models import VARIANTS
 
 PIPES_ENTRY = [sys.executable, "-m", "sentinel_pipeline.orchestration.pipes_training"]
@@ -96,7 +96,9 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
                          config={**PIPELINE_VARIANT_TRAINING.get(variant, {}), **result_config})
         out_dir = paths.artifacts / "training" / variant / fp[:16]
         tc = train_config_for(paths, variant, config, out_dir)
-        done = completed_run(out_dir, paths.models_dir)
+        # fast path, read under a shared lock taken without waiting; the decisive check is train()'s,
+        # under the run directory's exclusive lock (a run of another instance may be training it now)
+        done = completed_run_if_idle(out_dir, paths.models_dir)
         if done is not None:
             # same inputs and config (out_dir is named by their fingerprint), run complete, bundle on
             # disk: report it without starting the training process (~7 s of imports per variant)

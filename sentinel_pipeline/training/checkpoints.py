@@ -38,8 +38,10 @@ class CheckpointError(ValueError):
 
 
 def _save(obj: dict[str, Any], path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # through a Python file object: a failed write raises the OSError (e.g. ENOSPC) that atomic_path
+    # turns into a plain message; torch's own path writer reports it as an opaque RuntimeError
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
     return path
 
 

@@ -36,6 +36,13 @@ epoch), ``train_config.json`` (the resolved configuration), ``train_log.txt``, a
 ``metrics.json`` and ``loss_curve.png``; with ``models_dir`` a bundle is written there
 (``bundles.write_bundle``).
 
+Locks and write errors: ``train()`` holds an exclusive lock on ``out_dir`` (``.run.lock``,
+``locking.run_dir_lock``) for the whole run, the completed-run check and the bundle write included: a
+second process on the same ``out_dir`` waits, then finds the run complete with its bundle and reuses
+it. Before that, ``out_dir`` and ``models_dir`` are probed (a file created and removed; free space
+against a rough bundle size), so a read-only or full disk fails in seconds with
+``atomic_io.WriteError`` in plain words rather than after the training.
+
 Resuming: a run started on an ``out_dir`` that holds a ``resume.pt`` of the same configuration
 continues after the last completed epoch and ends with exactly the weights of an uninterrupted run
 (model, optimizer, scheduler, early-stopping state and all RNG states are restored; the loader
@@ -54,6 +61,7 @@ training time (time spent waiting for the next batch / epoch training time).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -73,7 +81,7 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from sentinel_pipeline.atomic_io import write_json_atomic
+from sentinel_pipeline.atomic_io import probe_writable, sweep_stale_temps, write_json_atomic
 from sentinel_pipeline.data.feature_contract import (
     FEATURE_GROUPS,
     ContractError,
@@ -82,6 +90,7 @@ from sentinel_pipeline.data.feature_contract import (
     read_feature_schema,
 )
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
+from sentinel_pipeline.locking import LockTimeout, bundle_writes_lock, run_dir_lock
 from sentinel_pipeline.training import runtime
 from sentinel_pipeline.training.checkpoints import (
     BEST_NAME,
@@ -605,6 +614,21 @@ def completed_run(out_dir: str | Path, models_dir: str | Path | None) -> TrainRe
                        bool(metrics.get("stopped_early")), metrics.get("best_epoch"), already_complete=True)
 
 
+def completed_run_if_idle(out_dir: str | Path, models_dir: str | Path | None) -> TrainResult | None:
+    """:func:`completed_run`, read under a shared lock on the run directory taken without waiting:
+    ``None`` while a ``train()`` holds the directory (the caller then starts ``train()``, which waits
+    for the lock and makes the decisive check itself). A fast path that never reads a run being written.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    try:
+        with run_dir_lock(out_dir, shared=True, timeout_s=0):
+            return completed_run(out_dir, models_dir)
+    except LockTimeout:
+        return None
+
+
 def _write_bundle(config: TrainConfig, out_dir: Path, inputs: _Inputs, metrics: dict[str, Any]) -> Path:
     from sentinel_pipeline.bundles import write_bundle
 
@@ -612,16 +636,20 @@ def _write_bundle(config: TrainConfig, out_dir: Path, inputs: _Inputs, metrics: 
     if existing is not None:
         log.info("bundle of this run already exists: %s", existing)
         return existing
-    path = write_bundle(
-        out_dir,
-        models_dir=config.models_dir,
-        scalers_dir=_scalers_dir(config),
-        contract_path=inputs.contract_path,
-        schema_path=config.feature_schema,
-        label_params=inputs.train.label_params,
-        data_windows=metrics["data_windows"],
-        extra_metadata={"run_id": metrics["run_id"], "data_source": metrics["data_source"]},
-    )
+    # under the run directory's lock (train()), and the models directory's write lock: one writer
+    # at a time chooses a free bundle name; leftovers of writers that died are swept first
+    with bundle_writes_lock(config.models_dir):
+        sweep_stale_temps(config.models_dir)
+        path = write_bundle(
+            out_dir,
+            models_dir=config.models_dir,
+            scalers_dir=_scalers_dir(config),
+            contract_path=inputs.contract_path,
+            schema_path=config.feature_schema,
+            label_params=inputs.train.label_params,
+            data_windows=metrics["data_windows"],
+            extra_metadata={"run_id": metrics["run_id"], "data_source": metrics["data_source"]},
+        )
     log.info("wrote bundle %s", path)
     return path
 
@@ -657,22 +685,55 @@ def train(
     (an exception raised there interrupts the run as a crash would; rerunning resumes).
     """
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if config.fresh:
-        _clear_run(out_dir)
-    resuming = (out_dir / RESUME_NAME).is_file()
-    if not resuming:
-        _clear_run(out_dir)  # outputs without a resume state belong to no run we can continue
-    handler, pkg, old_level = _attach_log_file(out_dir, append=resuming)
-    try:
-        return _train(config, out_dir, progress, on_epoch_end, resuming)
-    except Exception:
-        log.exception("training failed")
-        raise
-    finally:
-        pkg.removeHandler(handler)
-        pkg.setLevel(old_level)
-        handler.close()
+    _probe_outputs(config, out_dir)  # a read-only or full disk fails now, not after the training
+    # the whole run under the run directory's lock: a second process on the same run directory
+    # waits here, then finds the run complete with its bundle and reuses it instead of training again
+    with run_dir_lock(out_dir):
+        sweep_stale_temps(out_dir)  # temp files of a killed run (never of a live writer)
+        if config.fresh:
+            _clear_run(out_dir)
+        resuming = (out_dir / RESUME_NAME).is_file()
+        if not resuming:
+            _clear_run(out_dir)  # outputs without a resume state belong to no run we can continue
+        handler, pkg, old_level = _attach_log_file(out_dir, append=resuming)
+        try:
+            return _train(config, out_dir, progress, on_epoch_end, resuming)
+        except Exception:
+            log.exception("training failed")
+            raise
+        finally:
+            pkg.removeHandler(handler)
+            pkg.setLevel(old_level)
+            handler.close()
+
+
+def _probe_outputs(config: TrainConfig, out_dir: Path) -> None:
+    """Create and remove a probe file in the run directory and the models directory, and check the
+    models directory's free space against a rough bundle size (:class:`atomic_io.WriteError` in plain
+    words: disk full, read-only, permission denied)."""
+    probe_writable(out_dir, what="training run")
+    if config.models_dir is not None:
+        probe_writable(config.models_dir, needed_bytes=_rough_bundle_bytes(config), what="bundle")
+
+
+def _rough_bundle_bytes(config: TrainConfig) -> int:
+    """What a new bundle of ``config.model`` will take: the newest one of the variant already there,
+    else the scalers and contract it copies plus a few MB for weights and reports."""
+    from sentinel_pipeline.bundles import list_bundles
+
+    def size(paths: Iterable[Path]) -> int:
+        total = 0
+        for p in paths:
+            with contextlib.suppress(OSError):
+                total += p.stat().st_size if p.is_file() else 0
+        return total
+
+    if config.models_dir is not None:
+        previous = list_bundles(config.models_dir, config.model)
+        if previous:
+            return size(previous[0].iterdir())
+    scalers = _scalers_dir(config)
+    return size(scalers.glob("*")) + 8 * 1024 * 1024
 
 
 def _train(
@@ -891,6 +952,7 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingError",
     "completed_run",
+    "completed_run_if_idle",
     "head_vs_baseline",
     "resolve_settings",
     "train",
