@@ -54,15 +54,18 @@ from sentinel_pipeline.data.synthetic_market import (
     ensure_synthetic_default,
 )
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
-from sentinel_pipeline.stage_cache import build_stage as commit_stage
 from sentinel_pipeline.stage_cache import (
+    StageInputError,
     failed_dir,
     file_digest,
     files_fingerprint,
     fingerprint,
+    last_failure,
     read_record,
+    record_failure,
     upstream_state,
 )
+from sentinel_pipeline.stage_cache import build_stage as commit_stage
 
 
 @dataclass
@@ -132,6 +135,16 @@ def resolve_raw_input(paths: ArtifactPaths, cfg: DataHalfConfig) -> RawInput:
         )
     path = ensure_synthetic_default(paths.synthetic_dir, cfg.synthetic)
     return RawInput([path], True, describe_market(cfg.synthetic), paths.synthetic_dir)
+
+
+def _resolve_or_mark(paths: ArtifactPaths, cfg: DataHalfConfig) -> RawInput:
+    """:func:`resolve_raw_input`; an unreadable landing zone marks the raw stage's last run as failed
+    (its previous outputs stay), so no later stage reuses them as if nothing had happened."""
+    try:
+        return resolve_raw_input(paths, cfg)
+    except raw_bars.RawDataError as exc:
+        record_failure(paths.raw_bars_dir, exc)
+        raise
 
 
 def raw_input_files(paths: ArtifactPaths, cfg: DataHalfConfig) -> list[Path]:
@@ -425,29 +438,66 @@ def _contract_digest(paths: ArtifactPaths) -> str:
     return file_digest(paths.feature_contract)
 
 
+# the staged stages each stage reads, directly (the record names used in messages in parentheses)
+UPSTREAMS: dict[str, tuple[str, ...]] = {
+    "raw_bars": (),
+    "features": ("raw_bars",),
+    "labels": ("features", "raw_bars"),
+    "splits": ("labels",),
+    "scalers": ("splits", "labels"),
+    "hdf5_splits": ("scalers", "splits", "labels"),
+    "arrow_cache": ("hdf5_splits",),
+}
+
+
+def _check_ancestors(name: str, paths: ArtifactPaths) -> None:
+    """``StageInputError`` when a stage further up the chain failed its last run: its descendants'
+    outputs are consistent with each other but not with the current inputs."""
+    seen: set[str] = set()
+    todo = list(UPSTREAMS[name])
+    while todo:
+        stage = todo.pop()
+        if stage in seen:
+            continue
+        seen.add(stage)
+        failure = last_failure(paths.stage_dir(stage))
+        if failure is not None:
+            raise StageInputError(
+                f"stage '{stage}' upstream of '{name}' failed its last run ({failure.get('failed_at')}): "
+                f"{failure.get('error')}; the outputs built from its previous inputs are not reused. Fix the cause "
+                f"and rebuild from '{stage}' (details in {failed_dir(paths.stage_dir(stage))})"
+            )
+        todo.extend(UPSTREAMS[stage])
+
+
 def stage_fingerprint(name: str, paths: ArtifactPaths, cfg: DataHalfConfig) -> str:
     """The input fingerprint of a staged stage: its config, the code version and the content digests of
     every upstream file it reads (``upstream_state``; raises ``StageInputError`` for an upstream whose
-    files differ from its record or whose last run failed)."""
+    files differ from its record, or when any stage up the chain failed its last run)."""
     up = upstream_state
+    _check_ancestors(name, paths)
     if name == "raw_bars":
-        source = resolve_raw_input(paths, cfg)
+        source = _resolve_or_mark(paths, cfg)
         return fingerprint(stage="raw_bars", files=files_fingerprint(source.files), synthetic=source.synthetic,
                            ingest=asdict(ingest_config(cfg)), history=minimum_history(cfg), splits=asdict(cfg.splits))
+    bars = up(paths.raw_bars_dir, "raw_bars", [paths.bars.name]) if name == "features" else None
+    flags = up(paths.raw_bars_dir, "raw_bars", [paths.bar_flags.name]) if name == "labels" else None
+    dataset = (up(paths.labels_dir, "labelled_dataset", [paths.labelled_dataset.name])
+               if name in ("splits", "scalers", "hdf5_splits") else None)
+    assignment = (up(paths.splits_dir, "dataset_splits", [paths.split_assignment.name])
+                  if name in ("scalers", "hdf5_splits") else None)
     if name == "features":
-        return fingerprint(stage="features", raw=up(paths.raw_bars_dir, "raw_bars"), contract=_contract_digest(paths))
+        return fingerprint(stage="features", raw=bars, contract=_contract_digest(paths))
     if name == "labels":
-        return fingerprint(stage="labels", features=up(paths.features_dir, "features"),
-                           flags=up(paths.raw_bars_dir, "raw_bars"), labels=labels.label_params(cfg.labels))
+        return fingerprint(stage="labels", features=up(paths.features_dir, "features", [paths.features.name]),
+                           flags=flags, labels=labels.label_params(cfg.labels))
     if name == "splits":
-        return fingerprint(stage="splits", labels=up(paths.labels_dir, "labelled_dataset"), splits=asdict(cfg.splits),
+        return fingerprint(stage="splits", labels=dataset, splits=asdict(cfg.splits),
                            label_window=labels.label_window_bars(cfg.labels))
     if name == "scalers":
-        return fingerprint(stage="scalers", splits=up(paths.splits_dir, "dataset_splits"),
-                           labels=up(paths.labels_dir, "labelled_dataset"), contract=_contract_digest(paths))
+        return fingerprint(stage="scalers", splits=assignment, labels=dataset, contract=_contract_digest(paths))
     if name == "hdf5_splits":
-        return fingerprint(stage="hdf5", scalers=up(paths.scalers_dir, "scalers"),
-                           splits=up(paths.splits_dir, "dataset_splits"), labels=up(paths.labels_dir, "labelled_dataset"),
+        return fingerprint(stage="hdf5", scalers=up(paths.scalers_dir, "scalers"), splits=assignment, labels=dataset,
                            label_params=labels.label_params(cfg.labels), contract=_contract_digest(paths))
     if name == "arrow_cache":
         return fingerprint(stage="arrow", hdf5=up(paths.hdf5_dir, "hdf5_splits"))
@@ -483,7 +533,7 @@ def run_data_half(paths: ArtifactPaths, cfg: DataHalfConfig | None = None, log: 
     """Build every data stage in order, each committed all or nothing; returns ``{stage: summary}``."""
     cfg = cfg or DataHalfConfig()
     results: dict[str, Any] = {}
-    source = resolve_raw_input(paths, cfg)
+    source = _resolve_or_mark(paths, cfg)
     if source.synthetic:
         log(f"[data] SYNTHETIC DATA: the raw folder {paths.raw_dir} is empty or absent, so the data half runs on the "
             f"{source.data_source}, from {source.folder}")

@@ -40,9 +40,9 @@ RECORD_NAME = ".stage.json"
 FAILED_DIR = "last_failed"
 FAILURE_NAME = "failure.json"
 _CHUNK = 8 * 1024 * 1024
-# (path, inode, size, mtime_ns) -> sha256: a file replaced by os.replace gets a new inode, so a hit is
+# (path, inode, size, mtime_ns, ctime_ns) -> sha256: a file replaced by os.replace gets a new inode, so a hit is
 # the same bytes; saves hashing the same large output twice in one process (own check + downstream's)
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 class StageInputError(RuntimeError):
@@ -52,7 +52,7 @@ class StageInputError(RuntimeError):
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes (streamed; remembered per inode, size and mtime within the process)."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _DIGESTS:
         return _DIGESTS[key]
     h = hashlib.sha256()
@@ -188,6 +188,21 @@ def build_stage(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def record_failure(stage_dir: str | Path, exc: BaseException, fp: str | None = None) -> None:
+    """Mark the stage's last run as failed (``last_failed/failure.json``) without touching its outputs:
+    for a failure before the build started (e.g. an unreadable input file)."""
+    target = failed_dir(stage_dir)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    _write_failure(target, exc, fp, [])
+
+
+def _write_failure(target: Path, exc: BaseException, fp: str | None, kept: list[str]) -> None:
+    message = str(getattr(exc, "description", None) or exc) or type(exc).__name__
+    write_json_atomic(target / FAILURE_NAME, {"error": message, "error_type": type(exc).__name__,
+                                              "fingerprint": fp, "failed_at": _now(), "kept": kept})
+
+
 def _keep_failure(stage_dir: Path, staging: Path, fp: str, exc: BaseException, keep: Iterable[str]) -> None:
     target = failed_dir(stage_dir)
     shutil.rmtree(target, ignore_errors=True)
@@ -198,14 +213,14 @@ def _keep_failure(stage_dir: Path, staging: Path, fp: str, exc: BaseException, k
         if src.is_file():
             os.replace(src, target / name)
             kept.append(name)
-    message = str(getattr(exc, "description", None) or exc) or type(exc).__name__
-    write_json_atomic(target / FAILURE_NAME, {"error": message, "error_type": type(exc).__name__,
-                                              "fingerprint": fp, "failed_at": _now(), "kept": kept})
+    _write_failure(target, exc, fp, kept)
 
 
-def upstream_state(stage_dir: str | Path, name: str) -> str:
-    """The fingerprint a downstream stage chains: the upstream record's fingerprint and the sha256 of its
-    output files, after checking that the files on disk are exactly the recorded ones.
+def upstream_state(stage_dir: str | Path, name: str, reads: Iterable[str] | None = None) -> str:
+    """The fingerprint a downstream stage chains: the upstream record's fingerprint and the sha256 of the
+    upstream files it ``reads`` (default: every output), after checking that every recorded output on
+    disk is exactly the recorded one. (Reports that name the instance folder are checked, not chained,
+    so the same data gives the same fingerprint in any folder.)
 
     Raises :class:`StageInputError` when the upstream has no record, its last build failed, or one of
     its outputs is missing or differs from the record.
@@ -224,6 +239,11 @@ def upstream_state(stage_dir: str | Path, name: str) -> str:
             f"from the current inputs. Fix the cause and rebuild '{name}' (details in {failed_dir(stage_dir)})"
         )
     outputs = record.get("outputs", {})
+    chained = dict(outputs) if reads is None else {}
+    for rel in reads or ():
+        if rel not in outputs:
+            raise StageInputError(f"{stage_dir / rel}: not an output recorded by upstream stage '{name}'; rebuild '{name}'")
+        chained[rel] = outputs[rel]
     for rel, digest in outputs.items():
         path = stage_dir / rel
         if not path.is_file():
@@ -234,4 +254,4 @@ def upstream_state(stage_dir: str | Path, name: str) -> str:
                 f"{path}: output of upstream stage '{name}' differs from its record (sha256 {actual[:12]}, "
                 f"recorded {digest[:12]}): it was changed after '{name}' was built; rebuild '{name}'"
             )
-    return fingerprint(upstream=record["fingerprint"], outputs=outputs)
+    return fingerprint(upstream=record["fingerprint"], outputs=chained)

@@ -76,7 +76,7 @@ def test_failed_raw_stage_keeps_the_previous_bars_and_features_are_not_reused_on
         # features alone: no "inputs unchanged" on bars that the current raw data did not produce
         stale = _materialize(tmp_path, raw, ["features"], instance)
         assert not stale.success
-        assert "upstream stage 'raw_bars' failed its last run" in _failure(stale)
+        assert "stage 'raw_bars' upstream of 'features' failed its last run" in _failure(stale)
         assert paths.features.read_bytes() == features_before
 
         # raw data fixed: raw_bars rebuilds from it, features may then be reused honestly (same bars)

@@ -473,13 +473,46 @@ def test_a_failed_raw_stage_leaves_the_previous_outputs_and_blocks_stale_reuse(t
     assert failure["error"] == str(err.value) and failure["kept"] == ["quarantine.parquet", "quality_report.json"]
     assert not [p for p in raw_dir.iterdir() if ".tmp-" in p.name]
     # downstream: no "inputs unchanged" on outputs the current raw data did not produce
-    with pytest.raises(StageInputError, match=r"upstream stage 'raw_bars' failed its last run.*rebuild 'raw_bars'"):
+    with pytest.raises(StageInputError, match=r"stage 'raw_bars' upstream of 'features' failed its last run.*rebuild"):
         data_half.stage_fingerprint("features", paths, CONFIG)
 
     # the raw data fixed again: the raw stage rebuilds, the failure is cleared and features may be reused
     market.to_parquet(raw / "market.parquet", index=False)
     data_half.build_stage("raw_bars", paths, CONFIG)
     assert not kept.exists() and data_half.stage_fingerprint("features", paths, CONFIG) == features_fp
+
+
+def test_an_unreadable_file_arriving_later_blocks_every_later_stage_until_fixed(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    generate_synthetic_market(MARKET).to_parquet(raw / "market.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    run_data_half(paths, CONFIG, log=lambda _msg: None)
+    fps = {name: data_half.stage_fingerprint(name, paths, CONFIG) for name in data_half.UPSTREAMS}
+    (raw / "more.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(RawDataError, match=r"more\.xlsx"):
+        data_half.stage_fingerprint("raw_bars", paths, CONFIG)
+    assert "more.xlsx" in json.loads((paths.raw_bars_dir / "last_failed" / "failure.json").read_text())["error"]
+    # not only the next stage: every stage below refuses outputs built from the previous raw data
+    for name in ("features", "labels", "splits", "scalers", "hdf5_splits", "arrow_cache"):
+        with pytest.raises(StageInputError, match=r"stage 'raw_bars' upstream of .* failed its last run"):
+            data_half.stage_fingerprint(name, paths, CONFIG)
+    (raw / "more.xlsx").unlink()
+    data_half.build_stage("raw_bars", paths, CONFIG)  # same inputs as the last good build again
+    assert {name: data_half.stage_fingerprint(name, paths, CONFIG) for name in data_half.UPSTREAMS} == fps
+
+
+def test_fingerprints_do_not_depend_on_the_instance_folder(built, tmp_path):
+    paths, _ = built
+    import shutil
+
+    shutil.copytree(paths.raw_dir, tmp_path / "raw")
+    elsewhere = ArtifactPaths(data_dir=tmp_path / "elsewhere", raw_dir_override=tmp_path / "raw")
+    run_data_half(elsewhere, CONFIG, log=lambda _msg: None)
+    # the raw stage's report names its folder, so its bytes differ; the chained fingerprints do not
+    assert elsewhere.quality_report.read_bytes() != paths.quality_report.read_bytes()
+    for name in data_half.UPSTREAMS:
+        assert data_half.stage_fingerprint(name, elsewhere, CONFIG) == data_half.stage_fingerprint(name, paths, CONFIG)
 
 
 def test_an_upstream_output_changed_after_its_record_is_refused(tmp_path, built):
@@ -491,10 +524,12 @@ def test_an_upstream_output_changed_after_its_record_is_refused(tmp_path, built)
     fp = data_half.stage_fingerprint("labels", copy, CONFIG)
     assert data_half.stage_fingerprint("labels", copy, CONFIG) == fp
     # bars.parquet replaced behind the raw stage's back (a half-finished or manual write): refused
-    bars = pd.read_parquet(copy.bars)
-    bars.iloc[:-1].to_parquet(copy.bars, index=False)
+    good = copy.bars.read_bytes()
+    pd.read_parquet(copy.bars).iloc[:-1].to_parquet(copy.bars, index=False)
     with pytest.raises(StageInputError, match=r"bars\.parquet: output of upstream stage 'raw_bars' differs"):
         data_half.stage_fingerprint("features", copy, CONFIG)
+    copy.bars.write_bytes(good)
+    assert data_half.stage_fingerprint("labels", copy, CONFIG) == fp
     # features.parquet edited: the labels stage refuses it too (its record no longer matches)
     (copy.features).write_bytes(copy.features.read_bytes() + b"x")
     with pytest.raises(StageInputError, match=r"features\.parquet: output of upstream stage 'features' differs"):
