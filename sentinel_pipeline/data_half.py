@@ -450,7 +450,7 @@ UPSTREAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_ancestors(name: str, paths: ArtifactPaths) -> None:
+def check_ancestors(name: str, paths: ArtifactPaths) -> None:
     """``StageInputError`` when a stage further up the chain failed its last run: its descendants'
     outputs are consistent with each other but not with the current inputs."""
     seen: set[str] = set()
@@ -475,7 +475,7 @@ def stage_fingerprint(name: str, paths: ArtifactPaths, cfg: DataHalfConfig) -> s
     every upstream file it reads (``upstream_state``; raises ``StageInputError`` for an upstream whose
     files differ from its record, or when any stage up the chain failed its last run)."""
     up = upstream_state
-    _check_ancestors(name, paths)
+    check_ancestors(name, paths)
     if name == "raw_bars":
         source = _resolve_or_mark(paths, cfg)
         return fingerprint(stage="raw_bars", files=files_fingerprint(source.files), synthetic=source.synthetic,

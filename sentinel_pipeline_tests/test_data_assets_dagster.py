@@ -15,6 +15,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from sentinel_pipeline.data.raw_bars import RawDataError
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, generate_synthetic_market
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings, feature_contract, features, raw_bars
 from sentinel_pipeline.orchestration.settings import PipelineSettings
@@ -125,3 +126,24 @@ def test_quarantine_limit_outside_0_1_is_refused_with_a_clear_message(tmp_path, 
         result = _materialize(tmp_path, None, ["raw_bars"], instance, max_quarantine_fraction=fraction)
         assert not result.success
         assert "max_quarantine_fraction must be a number between 0 and 1" in _failure(result)
+
+
+def test_training_and_backtest_inputs_are_refused_below_a_failed_raw_stage(tmp_path):
+    """``upstream_fingerprint`` (the training and backtest assets' view of arrow_cache / hdf5_splits)
+    refuses outputs built from the previous raw data once the raw stage failed."""
+    from sentinel_pipeline import data_half
+    from sentinel_pipeline.orchestration.data_assets import upstream_fingerprint
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    generate_synthetic_market(MARKET).to_parquet(raw / "market.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    data_half.run_data_half(paths, data_half.DataHalfConfig(synthetic=MARKET), log=lambda _msg: None)
+    fp = upstream_fingerprint(paths.arrow_dir, "arrow_cache")
+    assert upstream_fingerprint(paths.arrow_dir, "arrow_cache") == fp
+    (raw / "notes.json").write_text("{}")
+    with pytest.raises(RawDataError, match="notes.json"):
+        data_half.stage_fingerprint("raw_bars", paths, data_half.DataHalfConfig(synthetic=MARKET))
+    for stage_dir, name in ((paths.arrow_dir, "arrow_cache"), (paths.hdf5_dir, "hdf5_splits")):
+        with pytest.raises(dg.Failure, match=rf"stage 'raw_bars' upstream of '{name}' failed its last run"):
+            upstream_fingerprint(stage_dir, name)

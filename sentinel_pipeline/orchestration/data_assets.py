@@ -117,8 +117,11 @@ class DataHalfSettings(dg.ConfigurableResource):
 def upstream_fingerprint(stage_dir: Path, name: str) -> str:
     """What a downstream asset chains from a data stage: its record's fingerprint and the sha256 of its
     files as they are on disk (``stage_cache.upstream_state``); a Failure when those files are missing,
-    differ from the record, or the stage's last run failed."""
+    differ from the record, or the stage's last run, or that of a stage above it, failed."""
+    stage = {"labelled_dataset": "labels", "dataset_splits": "splits"}.get(name, name)
     try:
+        if stage in data_half.UPSTREAMS:  # <data_dir>/artifacts/<stage>
+            data_half.check_ancestors(stage, ArtifactPaths(data_dir=Path(stage_dir).parent.parent))
         return upstream_state(stage_dir, name)
     except StageInputError as exc:
         raise dg.Failure(description=str(exc)) from exc
