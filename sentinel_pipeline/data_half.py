@@ -13,17 +13,33 @@ and each stage. The wide tables are streamed one parquet row group at a time: th
 appends its columns to the features row group by row group, the scalers gather only their fit rows,
 and the HDF5 stage writes the three split files in row chunks (``*_from_parquet`` functions), so the
 57-column labelled table is never whole in memory.
+
+Input: the parquet/CSV files of the raw landing zone (``paths.raw_dir``); only when it is empty or
+absent, the embedded synthetic default market, generated into its own folder (``paths.synthetic_dir``,
+never into the landing zone) and named as such everywhere (``data_source`` in every stage summary, the
+log lines, ``summary.py``). The raw stage fails early, naming the files, when the data is too short
+for the configuration (:func:`minimum_history`, :func:`check_history`).
+
+Commit: :func:`build_stage` builds a stage into a temporary folder and commits its files together with
+its ``.stage.json`` record only when it succeeded (``stage_cache.build_stage``); a failed stage leaves
+the previous outputs as they were. :func:`stage_fingerprint` is each stage's input fingerprint, chained
+from the **content digests** of the upstream files it reads (``stage_cache.upstream_state``); the
+Dagster assets and :func:`run_data_half` both use these.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,8 +48,24 @@ from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
 from sentinel_pipeline.data import arrow_cache, hdf5_splits, labels, raw_bars, scalers, splits
 from sentinel_pipeline.data import features as feats
 from sentinel_pipeline.data.feature_contract import FeatureContract, read_contract
-from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, ensure_default_raw_data
+from sentinel_pipeline.data.synthetic_market import (
+    SyntheticMarketConfig,
+    describe_market,
+    ensure_synthetic_default,
+)
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
+from sentinel_pipeline.stage_cache import (
+    StageInputError,
+    failed_dir,
+    file_digest,
+    files_fingerprint,
+    fingerprint,
+    last_failure,
+    read_record,
+    record_failure,
+    upstream_state,
+)
+from sentinel_pipeline.stage_cache import build_stage as commit_stage
 
 
 @dataclass
@@ -73,24 +105,165 @@ def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _data_source(paths: ArtifactPaths, upstream: str) -> str | None:
+    """The ``data_source`` line the upstream stage recorded (None when it has no record)."""
+    record = read_record(paths.stage_dir(upstream))
+    return None if record is None else record.get("metadata", {}).get("data_source")
+
+
 # -- stage 1 -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RawInput:
+    """What the raw stage reads: the landing zone's files, or the synthetic default when it is empty."""
+
+    files: list[Path]
+    synthetic: bool
+    data_source: str  # one line for logs, metadata and the summary
+    folder: Path
+
+
+def resolve_raw_input(paths: ArtifactPaths, cfg: DataHalfConfig) -> RawInput:
+    """The landing zone's parquet/CSV files; when it is empty or absent (and the default is on), the
+    synthetic default market, generated into ``paths.synthetic_dir``. The landing zone is only read.
+    A file there that the stage cannot read raises ``RawDataError`` naming it."""
+    files = raw_bars.list_input_files(paths.raw_dir)
+    if files:
+        return RawInput(files, False, f"raw files: {len(files)} file(s) in {paths.raw_dir}", paths.raw_dir)
+    if not cfg.generate_default_when_empty:
+        raise raw_bars.RawDataError(
+            f"{paths.raw_dir}: no *.parquet or *.csv files in the raw data folder (and the synthetic default is off)"
+        )
+    path = ensure_synthetic_default(paths.synthetic_dir, cfg.synthetic)
+    return RawInput([path], True, describe_market(cfg.synthetic), paths.synthetic_dir)
+
+
+def _resolve_or_mark(paths: ArtifactPaths, cfg: DataHalfConfig) -> RawInput:
+    """:func:`resolve_raw_input`; an unreadable landing zone marks the raw stage's last run as failed
+    (its previous outputs stay), so no later stage reuses them as if nothing had happened."""
+    try:
+        return resolve_raw_input(paths, cfg)
+    except raw_bars.RawDataError as exc:
+        record_failure(paths.raw_bars_dir, exc)
+        raise
+
+
 def raw_input_files(paths: ArtifactPaths, cfg: DataHalfConfig) -> list[Path]:
-    """The raw parquet files (generating the embedded synthetic default into an empty landing zone)."""
-    if cfg.generate_default_when_empty:
-        return ensure_default_raw_data(paths.raw_dir, cfg.synthetic)
-    return sorted(paths.raw_dir.rglob("*.parquet"))
+    """The files the raw stage reads (see :func:`resolve_raw_input`)."""
+    return resolve_raw_input(paths, cfg).files
+
+
+def minimum_history(cfg: DataHalfConfig) -> dict[str, Any]:
+    """The least history the configuration needs, derived from the feature, label and split configs.
+
+    A sample at bar ``t`` of a symbol needs ``seq_len`` bars of valid features ending at ``t`` (the
+    first ``warmup`` bars of a symbol have none) and ``purge`` = max(label window, purge_bars) bars
+    after ``t`` in the same symbol, so a symbol with fewer than ``warmup + seq_len + purge`` bars can
+    never give one sample (``min_symbol_bars``). Per split: train needs that many rows of a symbol;
+    val and test each need ``embargo + purge + 1`` (their warm-up comes from earlier bars). With
+    fractional cuts that is ``min_timestamps`` distinct timestamps in all.
+    """
+    warm = feats.warmup_bars(cfg.features)
+    seq = int(cfg.features.seq_len)
+    window = labels.label_window_bars(cfg.labels)
+    purge = max(window, cfg.splits.purge_bars if cfg.splits.purge_bars is not None else window)
+    embargo = int(cfg.splits.embargo_bars)
+    per_split = {"train": warm + seq + purge, "val": embargo + purge + 1, "test": embargo + purge + 1}
+    out: dict[str, Any] = {
+        "feature_warmup_bars": warm, "seq_len": seq, "label_window_bars": window, "purge_bars": purge,
+        "embargo_bars": embargo, "min_symbol_bars": warm + seq + purge, "min_rows_per_split": per_split,
+        "min_timestamps": None,
+    }
+    if not cfg.splits.uses_dates:
+        fracs = {"train": cfg.splits.train_frac, "val": cfg.splits.val_frac,
+                 "test": 1.0 - cfg.splits.train_frac - cfg.splits.val_frac}
+        out["min_timestamps"] = max(math.ceil(round(per_split[k] / fracs[k], 9)) for k in per_split)
+    return out
+
+
+def ingest_config(cfg: DataHalfConfig) -> raw_bars.IngestConfig:
+    """The ingest config the raw stage runs with: ``min_symbol_bars`` raised to the derived minimum."""
+    need = minimum_history(cfg)["min_symbol_bars"]
+    return replace(cfg.ingest, min_symbol_bars=max(cfg.ingest.min_symbol_bars, need))
+
+
+def _history_text(h: dict[str, Any], splits_cfg: splits.SplitConfig) -> str:
+    need = h["min_rows_per_split"]
+    text = (f"the configuration needs at least {h['min_symbol_bars']} bars per symbol (feature warm-up "
+            f"{h['feature_warmup_bars']} + sequence window {h['seq_len']} + label window/purge {h['purge_bars']}) and per "
+            f"split at least {need['train']} train, {need['val']} val and {need['test']} test rows of a symbol "
+            f"(embargo {h['embargo_bars']} + purge {h['purge_bars']} + 1 for val and test)")
+    if h["min_timestamps"] is not None:
+        text += (f", i.e. at least {h['min_timestamps']} distinct timestamps with train_frac={splits_cfg.train_frac}, "
+                 f"val_frac={splits_cfg.val_frac}")
+    return text
+
+
+def check_history(result: raw_bars.IngestResult, cfg: DataHalfConfig, files: list[Path]) -> dict[str, Any]:
+    """Fail early (``InsufficientHistoryError`` naming the files, the symbols and the minimum) when no
+    bars remain or the bars cannot give samples in each of train/val/test; returns the samples each
+    split can hold at most (the split stage's own rules on idealised features and labels)."""
+    h = minimum_history(cfg)
+    names = ", ".join(str(f) for f in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else "")
+    short = result.report.get("short_history_symbols") or {}
+    short_text = ""
+    if short:
+        shown = ", ".join(f"{k}: {v} bars" for k, v in list(short.items())[:10])
+        short_text = f"; {result.report.get('n_short_history_symbols', len(short))} symbol(s) too short and quarantined ({shown})"
+    bars = result.bars
+    if len(bars) == 0:
+        raise raw_bars.InsufficientHistoryError(
+            f"{names}: no usable bars left ({result.report['n_rows_in']} rows in, "
+            f"{result.report['n_quarantined']} quarantined{short_text}); {_history_text(h, cfg.splits)}"
+        )
+    codes = bars["symbol"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    lengths = np.diff(np.r_[starts, len(bars)])
+    pos = np.arange(len(bars)) - np.repeat(starts, lengths)
+    n_sym = np.repeat(lengths, lengths)
+    frame = pd.DataFrame({
+        "symbol": bars["symbol"], "timestamp": bars["timestamp"],
+        "feature_valid": pos >= h["feature_warmup_bars"] + h["seq_len"] - 1,  # a full window of valid features
+        "label_eligible": pos + h["label_window_bars"] < n_sym,
+    })
+    try:
+        _, summary = splits.assign_splits(frame, cfg.splits, h["label_window_bars"])
+    except ValueError as exc:
+        longest = ", ".join(f"{bars['symbol'].iloc[s]}: {n} bars" for s, n in
+                            sorted(zip(starts, lengths, strict=True), key=lambda x: -x[1])[:5])
+        raise raw_bars.InsufficientHistoryError(
+            f"{names}: too little history for train/val/test ({exc}); {_history_text(h, cfg.splits)}. The data has "
+            f"{bars['timestamp'].nunique()} distinct timestamps and {len(starts)} symbol(s) (longest: {longest}){short_text}"
+        ) from exc
+    return {s: summary["splits"][s]["samples"] for s in SPLITS}
 
 
 def run_raw_bars(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
-    """Ingest: bars + quarantine + quality report. Raises ``QuarantineLimitError`` after writing the
-    quarantine (so it can be inspected) when too many rows were bad."""
+    """Ingest: bars + quarantine + quality report.
+
+    The quarantine and the report are written first (so a failure can be inspected); then the history
+    check (``InsufficientHistoryError``) and the quarantine limit (``QuarantineLimitError``); the bars
+    and their flags are written only when both passed.
+    """
 
     def go() -> dict[str, Any]:
-        files = raw_input_files(paths, cfg)
-        result = raw_bars.load_raw_bars(paths.raw_dir, cfg.ingest)
-        raw_bars.write_ingest_result(result, paths.bars, paths.quarantine, paths.quality_report, paths.bar_flags)
-        raw_bars.enforce_quarantine_limit(result, cfg.ingest)
-        return {"report": result.report, "input_files": [str(f) for f in files]}
+        source = resolve_raw_input(paths, cfg)
+        ingest = ingest_config(cfg)
+        result = raw_bars.load_bar_files(source.files, ingest, origin=source.folder)
+        result.report["data_source"] = source.data_source
+        result.report["synthetic"] = source.synthetic
+        result.report["minimum_history"] = minimum_history(cfg)
+        raw_bars.write_parquet(result.quarantine, paths.quarantine)
+        write_json_atomic(paths.quality_report, result.report)
+        possible = check_history(result, cfg, source.files)
+        raw_bars.enforce_quarantine_limit(result, ingest)
+        result.report["max_samples_per_split"] = possible
+        write_json_atomic(paths.quality_report, result.report)
+        raw_bars.write_parquet(result.bars, paths.bars)
+        if result.flags is None:
+            raise ValueError(f"{paths.bar_flags}: the ingest result has no bar flags to write")
+        raw_bars.write_parquet(result.flags, paths.bar_flags)
+        return {"report": result.report, "input_files": [str(f) for f in source.files],
+                "data_source": source.data_source, "synthetic": source.synthetic}
 
     return _timed(go)
 
@@ -98,7 +271,7 @@ def run_raw_bars(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
 # -- stage 2 -------------------------------------------------------------------------------------
 def run_feature_contract(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     contract = feats.build_contract(cfg.features)
-    contract.write(paths.features_dir)
+    contract.write(paths.feature_contract.parent)  # the contract's own place, beside the features
     return {"feature_contract_hash": contract.hash, "dims": contract.dims(), "n_features": len(contract.features)}
 
 
@@ -127,6 +300,7 @@ def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
             "valid_fraction": float(valid.mean()) if len(valid) else 0.0,
             "feature_contract_hash": contract.hash,
             "dims": contract.dims(),
+            "data_source": _data_source(paths, "raw_bars"),
         }
 
     return _timed(go)
@@ -151,7 +325,8 @@ def run_labels(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         schema = pa.schema([*features.schema_arrow, *added.schema],
                            metadata=pa.Schema.from_pandas(empty, preserve_index=False).metadata)
         _append_columns(features, added, schema, paths.labelled_dataset)
-        return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(added.num_rows)}
+        return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(added.num_rows),
+                "data_source": _data_source(paths, "features")}
 
     return _timed(go)
 
@@ -194,7 +369,7 @@ def run_splits(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         assignment, summary = splits.assign_splits(df, cfg.splits, labels.label_window_bars(cfg.labels))
         raw_bars.write_parquet(assignment, paths.split_assignment)
         write_json_atomic(paths.split_summary, summary)
-        return {"summary": summary}
+        return {"summary": summary, "data_source": _data_source(paths, "labels")}
 
     return _timed(go)
 
@@ -206,7 +381,7 @@ def run_scalers(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         assignment = _read_frame(paths.split_assignment, ["split"])
         fitted = scalers.fit_scalers_from_parquet(paths.labelled_dataset, assignment, contract)
         scalers.save_scalers(paths.scalers_dir, fitted)
-        return {"info": fitted.info, "feature_contract_hash": contract.hash}
+        return {"info": fitted.info, "feature_contract_hash": contract.hash, "data_source": _data_source(paths, "splits")}
 
     return _timed(go)
 
@@ -223,6 +398,7 @@ def run_hdf5(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         return {
             "feature_contract_hash": contract.hash,
             "splits": {s: hdf5_splits.split_summary(written[s]) for s in SPLITS},
+            "data_source": _data_source(paths, "scalers"),
         }
 
     return _timed(go)
@@ -235,7 +411,7 @@ def run_arrow_cache(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]
         for s in SPLITS:
             arrow_path, ok, details = arrow_cache.build_and_check_cache(paths.h5(s), paths.arrow(s))
             out[s] = {"path": str(arrow_path), "matches_hdf5": ok, **details}
-        return {"splits": out}
+        return {"splits": out, "data_source": _data_source(paths, "hdf5_splits")}
 
     return _timed(go)
 
@@ -252,13 +428,124 @@ STAGES: tuple[tuple[str, Callable[[ArtifactPaths, DataHalfConfig], dict[str, Any
 )
 
 
+# files of a failed build kept for inspection in ``<stage>/last_failed/`` (the good outputs stay)
+KEEP_ON_FAILURE: dict[str, tuple[str, ...]] = {"raw_bars": ("quarantine.parquet", "quality_report.json")}
+
+
+def _contract_digest(paths: ArtifactPaths) -> str:
+    if not paths.feature_contract.is_file():
+        raise ValueError(f"{paths.feature_contract}: the feature contract is missing; build feature_contract first")
+    return file_digest(paths.feature_contract)
+
+
+# the staged stages each stage reads, directly (the record names used in messages in parentheses)
+UPSTREAMS: dict[str, tuple[str, ...]] = {
+    "raw_bars": (),
+    "features": ("raw_bars",),
+    "labels": ("features", "raw_bars"),
+    "splits": ("labels",),
+    "scalers": ("splits", "labels"),
+    "hdf5_splits": ("scalers", "splits", "labels"),
+    "arrow_cache": ("hdf5_splits",),
+}
+
+
+def check_ancestors(name: str, paths: ArtifactPaths) -> None:
+    """``StageInputError`` when a stage further up the chain failed its last run: its descendants'
+    outputs are consistent with each other but not with the current inputs."""
+    seen: set[str] = set()
+    todo = list(UPSTREAMS[name])
+    while todo:
+        stage = todo.pop()
+        if stage in seen:
+            continue
+        seen.add(stage)
+        failure = last_failure(paths.stage_dir(stage))
+        if failure is not None:
+            raise StageInputError(
+                f"stage '{stage}' upstream of '{name}' failed its last run ({failure.get('failed_at')}): "
+                f"{failure.get('error')}; the outputs built from its previous inputs are not reused. Fix the cause "
+                f"and rebuild from '{stage}' (details in {failed_dir(paths.stage_dir(stage))})"
+            )
+        todo.extend(UPSTREAMS[stage])
+
+
+def stage_fingerprint(name: str, paths: ArtifactPaths, cfg: DataHalfConfig) -> str:
+    """The input fingerprint of a staged stage: its config, the code version and the content digests of
+    every upstream file it reads (``upstream_state``; raises ``StageInputError`` for an upstream whose
+    files differ from its record, or when any stage up the chain failed its last run)."""
+    up = upstream_state
+    check_ancestors(name, paths)
+    if name == "raw_bars":
+        source = _resolve_or_mark(paths, cfg)
+        return fingerprint(stage="raw_bars", files=files_fingerprint(source.files), synthetic=source.synthetic,
+                           ingest=asdict(ingest_config(cfg)), history=minimum_history(cfg), splits=asdict(cfg.splits))
+    bars = up(paths.raw_bars_dir, "raw_bars", [paths.bars.name]) if name == "features" else None
+    flags = up(paths.raw_bars_dir, "raw_bars", [paths.bar_flags.name]) if name == "labels" else None
+    dataset = (up(paths.labels_dir, "labelled_dataset", [paths.labelled_dataset.name])
+               if name in ("splits", "scalers", "hdf5_splits") else None)
+    assignment = (up(paths.splits_dir, "dataset_splits", [paths.split_assignment.name])
+                  if name in ("scalers", "hdf5_splits") else None)
+    if name == "features":
+        return fingerprint(stage="features", raw=bars, contract=_contract_digest(paths))
+    if name == "labels":
+        return fingerprint(stage="labels", features=up(paths.features_dir, "features", [paths.features.name]),
+                           flags=flags, labels=labels.label_params(cfg.labels))
+    if name == "splits":
+        return fingerprint(stage="splits", labels=dataset, splits=asdict(cfg.splits),
+                           label_window=labels.label_window_bars(cfg.labels))
+    if name == "scalers":
+        return fingerprint(stage="scalers", splits=assignment, labels=dataset, contract=_contract_digest(paths))
+    if name == "hdf5_splits":
+        return fingerprint(stage="hdf5", scalers=up(paths.scalers_dir, "scalers"), splits=assignment, labels=dataset,
+                           label_params=labels.label_params(cfg.labels), contract=_contract_digest(paths))
+    if name == "arrow_cache":
+        return fingerprint(stage="arrow", hdf5=up(paths.hdf5_dir, "hdf5_splits"))
+    raise KeyError(f"{name!r} is not a staged stage")
+
+
+def build_stage(name: str, paths: ArtifactPaths, cfg: DataHalfConfig, fp: str | None = None) -> dict[str, Any]:
+    """Build one stage all or nothing (``stage_cache.build_stage``) and return its summary.
+
+    Its outputs go to a temporary folder inside the stage folder and are committed with the stage
+    record only when the stage succeeded; on failure the previous outputs stay as they were and the
+    files of ``KEEP_ON_FAILURE`` (the raw stage's quarantine and report) are kept in
+    ``<stage>/last_failed/``. ``feature_contract`` (one small file pair, no record) is written directly.
+    """
+    fn = dict(STAGES)[name]
+    if name == "feature_contract":
+        return fn(paths, cfg)
+    fp = fp if fp is not None else stage_fingerprint(name, paths, cfg)
+    record = commit_stage(paths.stage_dir(name), fp, lambda out: fn(paths.staged(name, out), cfg),
+                          keep_on_failure=KEEP_ON_FAILURE.get(name, ()))
+    return record["metadata"]
+
+
+def failure_note(name: str, paths: ArtifactPaths) -> str:
+    """Where a failed stage left its previous outputs and what it kept, for error messages."""
+    kept = KEEP_ON_FAILURE.get(name, ())
+    where = failed_dir(paths.stage_dir(name))
+    extra = f"; this run's {' and '.join(kept)} are in {where}" if kept else f"; details in {where}"
+    return f"the previous outputs in {paths.stage_dir(name)} are unchanged{extra}"
+
+
 def run_data_half(paths: ArtifactPaths, cfg: DataHalfConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every data stage in order; returns ``{stage: summary}``."""
+    """Build every data stage in order, each committed all or nothing; returns ``{stage: summary}``."""
     cfg = cfg or DataHalfConfig()
     results: dict[str, Any] = {}
-    for name, fn in STAGES:
-        results[name] = fn(paths, cfg)
-        log(f"[data] {name}: done in {results[name].get('seconds', 0.0):.2f}s")
+    source = _resolve_or_mark(paths, cfg)
+    if source.synthetic:
+        log(f"[data] SYNTHETIC DATA: the raw folder {paths.raw_dir} is empty or absent, so the data half runs on the "
+            f"{source.data_source}, from {source.folder}")
+    for name, _ in STAGES:
+        try:
+            results[name] = build_stage(name, paths, cfg)
+        except Exception as exc:
+            if name != "feature_contract":
+                exc.add_note(failure_note(name, paths))
+            raise
+        tag = " [synthetic]" if source.synthetic else ""
+        log(f"[data] {name}{tag}: done in {results[name].get('seconds', 0.0):.2f}s")
     return results
 
 
@@ -269,9 +556,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--raw-dir", default=None)
+    ap.add_argument("--source-timezone", default=os.environ.get(raw_bars.SOURCE_TZ_ENV) or None,
+                    help="time zone of raw timestamps that carry none (IANA name, e.g. UTC or America/New_York); "
+                         f"default ${raw_bars.SOURCE_TZ_ENV}; unset: such files are refused")
+    ap.add_argument("--no-synthetic-default", action="store_true",
+                    help="fail on an empty raw folder instead of using the synthetic default market")
     args = ap.parse_args(argv)
     paths = ArtifactPaths(data_dir=Path(args.data_dir), raw_dir_override=Path(args.raw_dir) if args.raw_dir else None)
-    results = run_data_half(paths)
+    try:
+        cfg = DataHalfConfig(ingest=raw_bars.IngestConfig(source_timezone=args.source_timezone),
+                             generate_default_when_empty=not args.no_synthetic_default)
+        results = run_data_half(paths, cfg)
+    except (ValueError, RuntimeError) as exc:  # RawDataError, StageInputError, bad settings: the cause first
+        notes = "".join(f"\n  {n}" for n in getattr(exc, "__notes__", []))
+        print(f"error: {exc}{notes}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v.get("seconds") for k, v in results.items()}, indent=2))
     return 0
 

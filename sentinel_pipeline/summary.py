@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sentinel_pipeline.bundles import list_bundles
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
-from sentinel_pipeline.stage_cache import read_record
+from sentinel_pipeline.stage_cache import failed_dir, last_failure, read_record
 
 
 def _verdict(bundle: Path) -> str:
@@ -29,13 +29,30 @@ def _verdict(bundle: Path) -> str:
     return f"verified: FAIL ({', '.join(failed)})"
 
 
+def _data_source_lines(paths: ArtifactPaths) -> list[str]:
+    """Where the bars came from, from the raw stage's record: says SYNTHETIC plainly when it was."""
+    record = read_record(paths.raw_bars_dir)
+    meta = (record or {}).get("metadata", {})
+    source = meta.get("data_source")
+    if source is None:
+        return []
+    lines = [f"  data source  {source}"]
+    if meta.get("synthetic"):
+        lines.append(f"  SYNTHETIC    every artefact and bundle below was built from the synthetic default market, not "
+                     f"real data; put your parquet/CSV bars into {paths.raw_dir} to use your own")
+    return lines
+
+
 def summarise(paths: ArtifactPaths) -> list[str]:
-    lines = [f"data half ({paths.artifacts}):"]
+    lines = [f"data half ({paths.artifacts}):", *_data_source_lines(paths)]
     for name, stage_dir in (("raw bars", paths.raw_bars_dir), ("features", paths.features_dir),
                             ("labels", paths.labelled_dataset.parent), ("splits", paths.split_assignment.parent),
                             ("scalers", paths.scalers_dir), ("hdf5", paths.hdf5_dir), ("arrow cache", paths.arrow_dir)):
         record = read_record(stage_dir)
         state = f"built {record['finished_at']}" if record else "missing"
+        failure = last_failure(stage_dir)
+        if failure is not None:
+            state += f"; LAST RUN FAILED {failure.get('failed_at')}: see {failed_dir(stage_dir)}"
         lines.append(f"  {name:<12} {stage_dir}  [{state}]")
     if paths.quality_report.exists():
         q = json.loads(paths.quality_report.read_text())

@@ -6,6 +6,11 @@ is the same everywhere it is recorded, that raw rows are fully accounted for (ba
 that the split summary, the HDF5 files and the Arrow cache agree, that a rerun on the same inputs is
 bit-for-bit reproducible, and that the ``python -m sentinel_pipeline.data_half`` CLI runs.
 The expected values are recomputed here with plain pandas, independently of the stage code.
+
+Then the inputs a user brings (issue 9): a CSV alone in the landing zone, files the stage cannot read,
+an empty landing zone (the synthetic default, from its own folder, named as such), empty files and
+histories too short for the configuration, and a failed raw stage that must leave the previous
+outputs as they were.
 """
 
 from __future__ import annotations
@@ -24,15 +29,23 @@ import pytest
 from sentinel_pipeline import data_half
 from sentinel_pipeline.data.arrow_cache import cache_matches_source, open_split, samples_path_for
 from sentinel_pipeline.data.hdf5_splits import read_split
-from sentinel_pipeline.data.raw_bars import QUARANTINE_REASONS, RAW_COLUMNS
+from sentinel_pipeline.data.raw_bars import (
+    QUARANTINE_REASONS,
+    RAW_COLUMNS,
+    IngestConfig,
+    InsufficientHistoryError,
+    QuarantineLimitError,
+    RawDataError,
+)
 from sentinel_pipeline.data.split_arrays import content_checksum
 from sentinel_pipeline.data.synthetic_market import (
     DEFAULT_FILE_NAME,
     SyntheticMarketConfig,
     generate_synthetic_market,
 )
-from sentinel_pipeline.data_half import DataHalfConfig, run_data_half
+from sentinel_pipeline.data_half import DataHalfConfig, minimum_history, run_data_half
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
+from sentinel_pipeline.stage_cache import StageInputError, read_record
 
 MARKET = SyntheticMarketConfig(seed=3, n_symbols=20, n_days=60)
 CONFIG = DataHalfConfig(synthetic=MARKET)
@@ -116,8 +129,16 @@ def test_every_stage_ran_and_wrote_its_artefacts(built, raw_dir):
     assert results["raw_bars"]["input_files"] == [str(raw_dir[0] / MARKET_FILE), str(raw_dir[0] / DIRTY_FILE)]
     json.dumps(results)  # the summaries feed Dagster metadata: JSON-able
     # no temp files of the atomic writers left behind
-    leftovers = [p for p in paths.artifacts.rglob("*") if p.is_file() and p not in set(_artefacts(paths))]
+    leftovers = [p for p in paths.artifacts.rglob("*")
+                 if p.is_file() and p not in set(_artefacts(paths)) and p.name != ".stage.json"]
     assert not leftovers, leftovers
+    # every stage committed its record with its outputs; no synthetic market anywhere
+    for name in data_half.STAGES:
+        if name[0] != "feature_contract":
+            assert read_record(paths.stage_dir(name[0])) is not None, name
+    assert not paths.synthetic_dir.exists()
+    assert results["raw_bars"]["synthetic"] is False
+    assert results["arrow_cache"]["data_source"] == f"raw files: 2 file(s) in {raw_dir[0]}"
 
 
 def test_raw_rows_are_all_accounted_for(built, raw_dir, frames):
@@ -271,10 +292,250 @@ def test_cli_runs_the_data_half(raw_dir, tmp_path, capsys):
     assert _checksums(b) == _checksums(cli_paths)
 
 
-def test_empty_landing_zone_gets_the_synthetic_default(tmp_path):
+@pytest.mark.parametrize("landing_zone", ["absent", "empty"])
+def test_empty_landing_zone_uses_the_synthetic_default_from_its_own_folder_and_says_so(tmp_path, landing_zone):
     paths = ArtifactPaths(data_dir=tmp_path)
-    results = run_data_half(paths, CONFIG, log=lambda _msg: None)
-    generated = paths.raw_dir / DEFAULT_FILE_NAME
-    assert results["raw_bars"]["input_files"] == [str(generated)]
+    if landing_zone == "empty":
+        paths.raw_dir.mkdir(parents=True)
+        (paths.raw_dir / ".gitkeep").write_text("")
+    logs: list[str] = []
+    results = run_data_half(paths, CONFIG, log=logs.append)
+    (generated,) = [Path(p) for p in results["raw_bars"]["input_files"]]
+    assert generated.parent == paths.synthetic_dir and generated.name.startswith("synthetic_market-")
+    # the user's landing zone is never written to
+    assert (sorted(p.name for p in paths.raw_dir.iterdir()) == [".gitkeep"]) if landing_zone == "empty" \
+        else not paths.raw_dir.exists()
     pd.testing.assert_frame_equal(pd.read_parquet(paths.bars), generate_synthetic_market(MARKET), check_dtype=False)
     assert all(p.is_file() for p in _artefacts(paths))
+    # "synthetic" everywhere: logs, the quality report, every stage's summary and record
+    assert logs[0].startswith("[data] SYNTHETIC DATA") and all("synthetic" in line.lower() for line in logs)
+    source = "synthetic default market (seed 3, 20 symbols x 60 days x 7 bars/day, signal strength 0.2)"
+    report = json.loads(paths.quality_report.read_text())
+    assert report["synthetic"] is True and report["data_source"].startswith(source)
+    for name, _ in data_half.STAGES:
+        if name != "feature_contract":
+            assert results[name]["data_source"].startswith(source), name
+            assert read_record(paths.stage_dir(name))["metadata"]["data_source"].startswith(source), name
+    from sentinel_pipeline.summary import summarise
+
+    text = "\n".join(summarise(paths))
+    assert f"data source  {report['data_source']}" in text and "SYNTHETIC" in text
+
+
+# -- what a user brings -------------------------------------------------------------------------------
+def test_a_csv_alone_in_the_landing_zone_is_ingested_and_nothing_is_written_beside_it(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    market = generate_synthetic_market(MARKET)
+    market.assign(timestamp=market["timestamp"].map(pd.Timestamp.isoformat)).to_csv(raw / "bars.csv", index=False)
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    results = run_data_half(paths, CONFIG, log=lambda _msg: None)
+    assert results["raw_bars"]["input_files"] == [str(raw / "bars.csv")] and results["raw_bars"]["synthetic"] is False
+    pd.testing.assert_frame_equal(pd.read_parquet(paths.bars), market, check_dtype=False)
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before  # the landing zone only read
+    assert not paths.synthetic_dir.exists() and not any("synthetic" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_a_file_the_stage_cannot_read_fails_naming_it(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    generate_synthetic_market(MARKET).to_feather(raw / "bars.feather")
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    with pytest.raises(RawDataError, match=rf"{raw / 'bars.feather'}.*parquet \(\*\.parquet\) and CSV"):
+        run_data_half(paths, CONFIG, log=lambda _msg: None)
+    assert sorted(p.name for p in raw.iterdir()) == ["bars.feather"]
+    assert not paths.synthetic_dir.exists()
+
+
+def test_an_empty_parquet_fails_at_the_raw_stage_naming_the_file(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    generate_synthetic_market(MARKET).iloc[:0].to_parquet(raw / "empty.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    with pytest.raises(RawDataError, match=r"empty\.parquet: the file holds no rows"):
+        run_data_half(paths, CONFIG, log=lambda _msg: None)
+    assert not paths.bars.exists() and read_record(paths.raw_bars_dir) is None  # nothing downstream ran
+
+
+def _walk(symbol: str, n: int, freq: str, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.02, n)))
+    opn = close * np.exp(rng.normal(0, 0.005, n))
+    return pd.DataFrame({
+        "symbol": symbol, "timestamp": pd.date_range("2000-01-31", periods=n, freq=freq, tz="UTC"),
+        "open": opn, "high": np.maximum(opn, close) * 1.01, "low": np.minimum(opn, close) * 0.99, "close": close,
+        "volume": rng.integers(1_000, 5_000, n).astype(float),
+    })
+
+
+def test_the_minimum_history_is_derived_from_the_configuration():
+    h = minimum_history(CONFIG)
+    assert (h["feature_warmup_bars"], h["seq_len"], h["label_window_bars"], h["embargo_bars"]) == (60, 30, 20, 5)
+    assert h["min_symbol_bars"] == 60 + 30 + 20 and h["min_rows_per_split"] == {"train": 110, "val": 26, "test": 26}
+    assert h["min_timestamps"] == 174  # val needs 26 rows = 15 % of 174 timestamps
+    shorter = DataHalfConfig(features=data_half.feats.FeatureConfig(seq_len=10),
+                             labels=data_half.labels.LabelConfig(horizon=5, fwd_horizons=(1, 5), excursion_bars=3))
+    assert minimum_history(shorter)["min_symbol_bars"] == 60 + 10 + 5
+
+
+@pytest.mark.parametrize("n_symbols", [1, 3])
+def test_156_monthly_bars_fail_early_naming_the_file_and_the_minimum(tmp_path, n_symbols):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pd.concat([_walk(f"S{k}", 156, "ME", k) for k in range(n_symbols)]).to_parquet(raw / "monthly.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    with pytest.raises(InsufficientHistoryError) as err:
+        run_data_half(paths, CONFIG, log=lambda _msg: None)
+    msg = str(err.value)
+    assert str(raw / "monthly.parquet") in msg and "too little history for train/val/test" in msg
+    assert "at least 174 distinct timestamps" in msg and "156 distinct timestamps" in msg and "110 bars per symbol" in msg
+    assert not paths.bars.exists() and not paths.features.exists()  # failed at the raw stage
+
+
+def test_a_single_50_bar_symbol_fails_naming_it_and_the_minimum(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _walk("TINY", 50, "D", 0).to_parquet(raw / "tiny.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    with pytest.raises(InsufficientHistoryError) as err:
+        run_data_half(paths, CONFIG, log=lambda _msg: None)
+    msg = str(err.value)
+    for part in (str(raw / "tiny.parquet"), "no usable bars left", "TINY: 50 bars", "at least 110 bars per symbol"):
+        assert part in msg
+    assert not paths.bars.exists()
+    # the quarantine of the failed run is kept for inspection, beside (here: instead of) the outputs
+    q = pd.read_parquet(paths.raw_bars_dir / "last_failed" / "quarantine.parquet")
+    assert len(q) == 50 and set(q["reason"]) == {"short_history"}
+    assert "last_failed" in "\n".join(getattr(err.value, "__notes__", []))
+
+
+def test_a_50_bar_symbol_among_healthy_ones_is_quarantined_and_accounted_for(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    market = generate_synthetic_market(MARKET)
+    market.to_parquet(raw / "market.parquet", index=False)
+    short = market[market["symbol"] == market["symbol"].iloc[0]].head(50).assign(symbol="NEWCO")
+    short.to_parquet(raw / "newco.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    results = run_data_half(paths, CONFIG, log=lambda _msg: None)
+    report = results["raw_bars"]["report"]
+    assert report["n_rows_in"] == len(market) + 50 == report["n_rows_out"] + report["n_quarantined"]
+    assert report["quarantine_by_reason"]["short_history"] == 50 and report["short_history_symbols"] == {"NEWCO": 50}
+    q = pd.read_parquet(paths.quarantine)
+    assert set(q.loc[q["source_file"] == str(raw / "newco.parquet"), "reason"]) == {"short_history"}
+    assert "NEWCO" not in set(pd.read_parquet(paths.bars, columns=["symbol"])["symbol"])
+    assert all(results["raw_bars"]["report"]["max_samples_per_split"][s] > 0 for s in SPLITS)
+
+
+def test_naive_timestamps_are_refused_then_localised_with_the_cli_flag(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    market = generate_synthetic_market(MARKET)
+    market.assign(timestamp=market["timestamp"].dt.tz_convert("America/New_York").dt.tz_localize(None)).to_parquet(
+        raw / "local.parquet", index=False)
+    monkeypatch.delenv("SENTINEL_SOURCE_TZ", raising=False)
+    with pytest.raises(RawDataError, match=r"local\.parquet: \d+ timestamp\(s\) carry no time zone"):
+        run_data_half(ArtifactPaths(data_dir=tmp_path / "a", raw_dir_override=raw), CONFIG, log=lambda _msg: None)
+    assert data_half.main(["--data-dir", str(tmp_path / "b"), "--raw-dir", str(raw)]) == 1
+    monkeypatch.setenv("SENTINEL_SOURCE_TZ", "America/New_York")
+    assert data_half.main(["--data-dir", str(tmp_path / "b"), "--raw-dir", str(raw)]) == 0
+    b = ArtifactPaths(data_dir=tmp_path / "b", raw_dir_override=raw)
+    pd.testing.assert_frame_equal(pd.read_parquet(b.bars), market, check_dtype=False)  # back to the UTC instants
+    report = json.loads(b.quality_report.read_text())
+    assert report["source_timezone"] == "America/New_York" and report["n_tz_naive_rows"] == len(market)
+    assert report["files"][0]["timezone"] == "naive, localised from America/New_York"
+
+
+# -- a failed stage leaves the previous outputs untouched ------------------------------------------------
+def test_a_failed_raw_stage_leaves_the_previous_outputs_and_blocks_stale_reuse(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    market = generate_synthetic_market(MARKET)
+    market.to_parquet(raw / "market.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    run_data_half(paths, CONFIG, log=lambda _msg: None)
+    raw_dir = paths.raw_bars_dir
+    before = {p.name: p.read_bytes() for p in raw_dir.iterdir() if p.is_file()}
+    features_fp = data_half.stage_fingerprint("features", paths, CONFIG)
+
+    # new raw data with 10 % broken rows: above the 5 % quarantine limit
+    bad = market.copy()
+    bad.loc[bad.index % 10 == 0, "volume"] = -1.0
+    bad.to_parquet(raw / "market.parquet", index=False)
+    with pytest.raises(QuarantineLimitError) as err:
+        data_half.build_stage("raw_bars", paths, CONFIG)
+    # the previous bars, flags, report and record are byte-identical; the failed run's quarantine is beside them
+    assert {p.name: p.read_bytes() for p in raw_dir.iterdir() if p.is_file()} == before
+    kept = raw_dir / "last_failed"
+    assert len(pd.read_parquet(kept / "quarantine.parquet")) == int((bad["volume"] < 0).sum())
+    failure = json.loads((kept / "failure.json").read_text())
+    assert failure["error"] == str(err.value) and failure["kept"] == ["quarantine.parquet", "quality_report.json"]
+    assert not [p for p in raw_dir.iterdir() if ".tmp-" in p.name]
+    # downstream: no "inputs unchanged" on outputs the current raw data did not produce
+    with pytest.raises(StageInputError, match=r"stage 'raw_bars' upstream of 'features' failed its last run.*rebuild"):
+        data_half.stage_fingerprint("features", paths, CONFIG)
+
+    # the raw data fixed again: the raw stage rebuilds, the failure is cleared and features may be reused
+    market.to_parquet(raw / "market.parquet", index=False)
+    data_half.build_stage("raw_bars", paths, CONFIG)
+    assert not kept.exists() and data_half.stage_fingerprint("features", paths, CONFIG) == features_fp
+
+
+def test_an_unreadable_file_arriving_later_blocks_every_later_stage_until_fixed(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    generate_synthetic_market(MARKET).to_parquet(raw / "market.parquet", index=False)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    run_data_half(paths, CONFIG, log=lambda _msg: None)
+    fps = {name: data_half.stage_fingerprint(name, paths, CONFIG) for name in data_half.UPSTREAMS}
+    (raw / "more.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(RawDataError, match=r"more\.xlsx"):
+        data_half.stage_fingerprint("raw_bars", paths, CONFIG)
+    assert "more.xlsx" in json.loads((paths.raw_bars_dir / "last_failed" / "failure.json").read_text())["error"]
+    # not only the next stage: every stage below refuses outputs built from the previous raw data
+    for name in ("features", "labels", "splits", "scalers", "hdf5_splits", "arrow_cache"):
+        with pytest.raises(StageInputError, match=r"stage 'raw_bars' upstream of .* failed its last run"):
+            data_half.stage_fingerprint(name, paths, CONFIG)
+    (raw / "more.xlsx").unlink()
+    data_half.build_stage("raw_bars", paths, CONFIG)  # same inputs as the last good build again
+    assert {name: data_half.stage_fingerprint(name, paths, CONFIG) for name in data_half.UPSTREAMS} == fps
+
+
+def test_fingerprints_do_not_depend_on_the_instance_folder(built, tmp_path):
+    paths, _ = built
+    import shutil
+
+    shutil.copytree(paths.raw_dir, tmp_path / "raw")
+    elsewhere = ArtifactPaths(data_dir=tmp_path / "elsewhere", raw_dir_override=tmp_path / "raw")
+    run_data_half(elsewhere, CONFIG, log=lambda _msg: None)
+    # the raw stage's report names its folder, so its bytes differ; the chained fingerprints do not
+    assert elsewhere.quality_report.read_bytes() != paths.quality_report.read_bytes()
+    for name in data_half.UPSTREAMS:
+        assert data_half.stage_fingerprint(name, elsewhere, CONFIG) == data_half.stage_fingerprint(name, paths, CONFIG)
+
+
+def test_an_upstream_output_changed_after_its_record_is_refused(tmp_path, built):
+    paths, _ = built
+    copy = ArtifactPaths(data_dir=tmp_path / "copy", raw_dir_override=paths.raw_dir)
+    import shutil
+
+    shutil.copytree(paths.artifacts, copy.artifacts)
+    fp = data_half.stage_fingerprint("labels", copy, CONFIG)
+    assert data_half.stage_fingerprint("labels", copy, CONFIG) == fp
+    # bars.parquet replaced behind the raw stage's back (a half-finished or manual write): refused
+    good = copy.bars.read_bytes()
+    pd.read_parquet(copy.bars).iloc[:-1].to_parquet(copy.bars, index=False)
+    with pytest.raises(StageInputError, match=r"bars\.parquet: output of upstream stage 'raw_bars' differs"):
+        data_half.stage_fingerprint("features", copy, CONFIG)
+    copy.bars.write_bytes(good)
+    assert data_half.stage_fingerprint("labels", copy, CONFIG) == fp
+    # features.parquet edited: the labels stage refuses it too (its record no longer matches)
+    (copy.features).write_bytes(copy.features.read_bytes() + b"x")
+    with pytest.raises(StageInputError, match=r"features\.parquet: output of upstream stage 'features' differs"):
+        data_half.stage_fingerprint("labels", copy, CONFIG)
+
+
+def test_ingest_settings_are_validated():
+    with pytest.raises(ValueError, match="max_quarantine_fraction must be a number between 0 and 1"):
+        DataHalfConfig(ingest=IngestConfig(max_quarantine_fraction=5))

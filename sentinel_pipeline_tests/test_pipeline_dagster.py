@@ -272,7 +272,11 @@ def test_nightly_rerun_reuses_everything_then_rebuilds_after_raw_data_change(goo
     assert sorted(p.name for p in home.models_dir.iterdir()) == dirs_before
     assert all(e.passed for e in check_evaluations(rerun).values())
 
-    # new raw data: one more symbol lands in the landing zone
+    # new raw data: the user takes the default market as their own raw data (the landing zone was
+    # empty: the synthetic default lives in its own folder) and one more symbol lands beside it
+    (default,) = home.paths.synthetic_dir.glob("synthetic_market-*.parquet")
+    home.paths.raw_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(default, home.paths.raw_dir / "market.parquet")
     other = generate_synthetic_market(
         SyntheticMarketConfig(seed=11, n_symbols=20, n_days=60, signal_strength=0.3)
     )

@@ -21,9 +21,15 @@ from sentinel_pipeline.data.raw_bars import (
     QuarantineLimitError,
     RawDataError,
     enforce_quarantine_limit,
+    list_input_files,
     load_raw_bars,
     write_ingest_result,
 )
+
+# the reasons reference_reasons states row by row (local-time problems need naive input and a zone;
+# duplicates and short histories are judged among the otherwise good rows)
+ROW_REASONS = [r for r in QUARANTINE_REASONS
+               if r not in ("nonexistent_local_time", "ambiguous_local_time", "duplicate_key", "short_history")]
 
 REPORT_KEYS = {
     "n_files",
@@ -93,7 +99,7 @@ def reference_reasons(df: pd.DataFrame) -> np.ndarray:
         v < 0,
     ]
     reasons = np.select(
-        [np.asarray(x, dtype=bool) for x in conditions], list(QUARANTINE_REASONS[:-1]), default=""
+        [np.asarray(x, dtype=bool) for x in conditions], ROW_REASONS, default=""
     )
     ok = np.flatnonzero(reasons == "")
     dup = df.iloc[ok].duplicated(["symbol", "timestamp"], keep="first").to_numpy()
@@ -144,7 +150,8 @@ def test_clean_file_passes_unchanged(tmp_path):
     pd.testing.assert_frame_equal(result.bars, df, check_dtype=False)
     rep = result.report
     assert rep["n_quarantined"] == 0 and rep["quarantine_fraction"] == 0.0 and rep["n_tz_naive_rows"] == 0
-    assert rep["files"] == [{"path": str(tmp_path / "bars.parquet"), "rows": 10, "n_quarantined": 0}]
+    assert rep["files"] == [{"path": str(tmp_path / "bars.parquet"), "rows": 10, "n_quarantined": 0,
+                             "timezone": "UTC (from the file)"}]
     assert (rep["n_symbols"], rep["rows_per_symbol_min"], rep["rows_per_symbol_max"]) == (2, 5, 5)
     enforce_quarantine_limit(result)  # nothing to complain about
 
@@ -318,16 +325,61 @@ def test_tz_aware_timestamps_are_converted_to_utc(tmp_path):
     assert result.report["n_tz_naive_rows"] == 0
 
 
-def test_naive_timestamps_are_taken_as_utc_and_counted(tmp_path):
-    df = good_frame(n=4)
+def _naive(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
     df["timestamp"] = df["timestamp"].dt.tz_localize(None).astype("datetime64[us]")
-    write(df, tmp_path / "naive.parquet")
+    return df
+
+
+def test_naive_timestamps_are_refused_naming_the_file_and_how_to_set_the_zone(tmp_path):
+    write(_naive(good_frame(n=4)), tmp_path / "naive.parquet")
     write(good_frame(symbols=("CCC",), n=3), tmp_path / "aware.parquet")
-    result = load_raw_bars(tmp_path)
+    with pytest.raises(RawDataError) as err:
+        load_raw_bars(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "naive.parquet") in msg and "8 timestamp(s) carry no time zone" in msg
+    for hint in ("source_timezone", "--source-timezone", "SENTINEL_SOURCE_TZ", "America/New_York"):
+        assert hint in msg
+
+
+def test_naive_timestamps_with_a_source_timezone_utc_are_kept_and_counted(tmp_path):
+    write(_naive(good_frame(n=4)), tmp_path / "naive.parquet")
+    write(good_frame(symbols=("CCC",), n=3), tmp_path / "aware.parquet")
+    result = load_raw_bars(tmp_path, IngestConfig(source_timezone="UTC"))
     check_accounting(result)
-    assert result.report["n_tz_naive_rows"] == 8
+    assert result.report["n_tz_naive_rows"] == 8 and result.report["source_timezone"] == "UTC"
+    zones = {Path(f["path"]).name: f["timezone"] for f in result.report["files"]}
+    assert zones == {"naive.parquet": "naive, localised from UTC", "aware.parquet": "UTC (from the file)"}
     got = result.bars[result.bars["symbol"] != "CCC"].reset_index(drop=True)
     assert (got["timestamp"] == good_frame(n=4)["timestamp"]).all()
+
+
+def test_naive_timestamps_are_localised_from_the_source_zone_with_daylight_saving(tmp_path):
+    # New York wall-clock times around both 2024 switches: 10 Mar 02:30 does not exist, 3 Nov 01:30 twice
+    wall = ["2024-03-09 09:30", "2024-03-10 02:30", "2024-03-11 09:30", "2024-11-03 01:30", "2024-11-04 09:30"]
+    df = good_frame(symbols=("AAA",), n=len(wall))
+    df["timestamp"] = pd.to_datetime(wall).astype("datetime64[us]")
+    write(df, tmp_path / "ny_local.parquet")
+    result = load_raw_bars(tmp_path, IngestConfig(source_timezone="America/New_York"))
+    check_accounting(result)
+    assert quarantined(result) == {("ny_local.parquet", 1): "nonexistent_local_time",
+                                   ("ny_local.parquet", 3): "ambiguous_local_time"}
+    # EST (UTC-5) before 10 Mar and after 3 Nov; nothing guessed for the two impossible rows
+    assert list(result.bars["timestamp"]) == list(pd.to_datetime(
+        ["2024-03-09 14:30", "2024-03-11 13:30", "2024-11-04 14:30"], utc=True))
+    assert result.quarantine["timestamp"].isna().all()
+
+
+def test_ingest_config_validates_its_numbers_and_zone():
+    for bad in (-0.1, 1.5, float("nan"), "0.05", True):
+        with pytest.raises(ValueError, match="max_quarantine_fraction must be a number between 0 and 1"):
+            IngestConfig(max_quarantine_fraction=bad)
+    assert IngestConfig(max_quarantine_fraction=0).max_quarantine_fraction == 0.0
+    assert IngestConfig(max_quarantine_fraction=1).max_quarantine_fraction == 1.0
+    with pytest.raises(ValueError, match="min_symbol_bars"):
+        IngestConfig(min_symbol_bars=-1)
+    with pytest.raises(ValueError, match="Mars/Olympus"):
+        IngestConfig(source_timezone="Mars/Olympus")
 
 
 def test_string_timestamps_are_parsed_and_garbage_quarantined(tmp_path):
@@ -335,13 +387,15 @@ def test_string_timestamps_are_parsed_and_garbage_quarantined(tmp_path):
     df["timestamp"] = [
         "2024-03-01T14:30:00Z",
         "2024-03-01 10:30:00-05:00",  # = 15:30 UTC
-        "2024-03-01T16:30:00",  # naive -> UTC
+        "2024-03-01T16:30:00",  # naive -> localised from the source zone (UTC)
         "not a time",
         "3000-01-01T00:00:00",  # beyond datetime64[ns]
         None,
     ]
     write(df, tmp_path / "s.parquet")
-    result = load_raw_bars(tmp_path)
+    with pytest.raises(RawDataError, match=r"s\.parquet: 1 timestamp\(s\) carry no time zone"):
+        load_raw_bars(tmp_path)
+    result = load_raw_bars(tmp_path, IngestConfig(source_timezone="UTC"))
     check_accounting(result)
     assert list(result.bars["timestamp"]) == list(
         pd.date_range("2024-03-01 14:30", periods=3, freq="h", tz="UTC")
@@ -364,7 +418,9 @@ def test_date_timestamps_and_integer_symbols_are_accepted(tmp_path):
         }
     )
     write(table, tmp_path / "d.parquet")
-    result = load_raw_bars(tmp_path)
+    with pytest.raises(RawDataError, match="no time zone"):  # a date has no zone either
+        load_raw_bars(tmp_path)
+    result = load_raw_bars(tmp_path, IngestConfig(source_timezone="UTC"))
     check_accounting(result)
     assert list(result.bars["symbol"].unique()) == ["101", "7"]
     assert result.bars["timestamp"].iloc[0] == pd.Timestamp("2024-03-01", tz="UTC")
@@ -404,19 +460,115 @@ def test_integer_timestamps_fail(tmp_path):
 
 
 def test_empty_or_missing_raw_dir_fails(tmp_path):
-    (tmp_path / "notes.csv").write_text("symbol\n")
-    with pytest.raises(RawDataError, match="no \\*.parquet files"):
+    (tmp_path / ".gitkeep").write_text("")  # hidden files are not input
+    with pytest.raises(RawDataError, match=r"no \*\.parquet or \*\.csv files"):
         load_raw_bars(tmp_path)
     with pytest.raises(RawDataError, match="does not exist"):
         load_raw_bars(tmp_path / "nope")
 
 
-def test_empty_parquet_file_is_listed_with_zero_rows(tmp_path):
-    write(good_frame().iloc[:0], tmp_path / "a_empty.parquet")
+@pytest.mark.parametrize("name", ["bars.feather", "bars.xlsx", "bars.json", "README"])
+def test_a_file_the_stage_cannot_read_fails_naming_it(tmp_path, name):
+    write(good_frame(), tmp_path / "good.parquet")
+    (tmp_path / "vendor").mkdir()
+    (tmp_path / "vendor" / name).write_bytes(b"\x00data")
+    with pytest.raises(RawDataError) as err:
+        load_raw_bars(tmp_path)
+    assert str(tmp_path / "vendor" / name) in str(err.value) and "cannot read 1 file(s)" in str(err.value)
+    assert "good.parquet" not in str(err.value)
+
+
+def test_hidden_files_are_ignored(tmp_path):
+    write(good_frame(), tmp_path / "good.parquet")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x.json").write_text("{}")
+    assert list_input_files(tmp_path) == [tmp_path / "good.parquet"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_an_empty_file_fails_naming_it(tmp_path, suffix):
     write(good_frame(), tmp_path / "b.parquet")
+    empty = tmp_path / f"a_empty{suffix}"
+    if suffix == ".parquet":
+        write(good_frame().iloc[:0], empty)
+    else:
+        good_frame().iloc[:0].to_csv(empty, index=False)  # a header and no rows
+    with pytest.raises(RawDataError, match=rf"a_empty\{suffix}: the file holds no rows"):
+        load_raw_bars(tmp_path)
+    empty.write_text("")  # not even a header
+    with pytest.raises(RawDataError, match=rf"a_empty\{suffix}"):
+        load_raw_bars(tmp_path)
+
+
+# -- CSV: the same schema and checks as parquet -------------------------------------------------
+def _csv(df: pd.DataFrame, path: Path) -> Path:
+    out = df.copy()
+    out["timestamp"] = out["timestamp"].map(lambda t: t.isoformat() if isinstance(t, pd.Timestamp) else t)
+    out.to_csv(path, index=False)
+    return path
+
+
+def test_csv_alone_is_ingested_like_the_same_parquet(tmp_path):
+    df = good_frame(symbols=("AAA", "007"), n=6)
+    df.loc[2, "close"] = np.nan  # an empty cell: quarantined like a parquet null
+    df.loc[4, "volume"] = -1.0
+    (tmp_path / "csv").mkdir()
+    _csv(df, tmp_path / "csv" / "bars.csv")
+    write(df, tmp_path / "pq" / "bars.parquet")
+    from_csv, from_pq = load_raw_bars(tmp_path / "csv"), load_raw_bars(tmp_path / "pq")
+    check_accounting(from_csv)
+    pd.testing.assert_frame_equal(from_csv.bars, from_pq.bars)
+    assert quarantined(from_csv) == {("bars.csv", 2): "nan_or_inf_price", ("bars.csv", 4): "negative_volume"}
+    assert "007" in set(from_csv.bars["symbol"])  # symbols stay text: leading zeros kept
+    assert [p.name for p in (tmp_path / "csv").iterdir()] == ["bars.csv"]  # nothing written beside it
+
+
+def test_csv_with_extra_columns_and_garbage_timestamps(tmp_path):
+    df = good_frame(symbols=("AAA",), n=4)
+    df["note"] = "x"
+    df["timestamp"] = ["2024-03-01T14:30:00Z", "yesterday", "2024-03-01T16:30:00+00:00", "2024-13-45T00:00:00Z"]
+    df.to_csv(tmp_path / "f.csv", index=False)
     result = load_raw_bars(tmp_path)
     check_accounting(result)
-    assert [f["rows"] for f in result.report["files"]] == [0, 10]
+    assert quarantined(result) == {("f.csv", 1): "unparseable_timestamp", ("f.csv", 3): "unparseable_timestamp"}
+
+
+def test_csv_bad_columns_fail_naming_file_and_column(tmp_path):
+    df = good_frame()
+    df.drop(columns=["low"]).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(RawDataError, match=r"m\.csv.*missing required column\(s\) \['low'\]"):
+        load_raw_bars(tmp_path)
+    (tmp_path / "m.csv").unlink()
+    df["open"] = df["open"].astype(object)
+    df.loc[3, "open"] = "n/a price"
+    _csv(df, tmp_path / "t.csv")
+    with pytest.raises(RawDataError, match=r"t\.csv: wrong column type.*column 'open' \(expected a number\)"):
+        load_raw_bars(tmp_path)
+
+
+def test_csv_naive_timestamps_are_refused_then_localised(tmp_path):
+    df = good_frame(symbols=("AAA",), n=3)
+    df["timestamp"] = ["2024-07-01 09:30", "2024-07-01 10:30", "2024-07-01 11:30"]
+    df.to_csv(tmp_path / "local.csv", index=False)
+    with pytest.raises(RawDataError, match=r"local\.csv: 3 timestamp\(s\) carry no time zone"):
+        load_raw_bars(tmp_path)
+    result = load_raw_bars(tmp_path, IngestConfig(source_timezone="America/New_York"))
+    assert list(result.bars["timestamp"]) == list(pd.date_range("2024-07-01 13:30", periods=3, freq="h", tz="UTC"))
+
+
+# -- too-short symbols ----------------------------------------------------------------------------
+def test_symbols_shorter_than_the_minimum_are_quarantined_with_a_reason(tmp_path):
+    df = pd.concat([good_frame(symbols=("AAA", "BBB"), n=12), good_frame(symbols=("SHORT",), n=5)], ignore_index=True)
+    write(df, tmp_path / "f.parquet")
+    result = load_raw_bars(tmp_path, IngestConfig(min_symbol_bars=10))
+    check_accounting(result)  # rows in = rows out + quarantined
+    assert set(result.bars["symbol"]) == {"AAA", "BBB"}
+    assert quarantined(result) == {("f.parquet", k): "short_history" for k in range(24, 29)}
+    rep = result.report
+    assert rep["min_symbol_bars"] == 10 and rep["short_history_symbols"] == {"SHORT": 5}
+    assert rep["n_short_history_symbols"] == 1
+    assert len(load_raw_bars(tmp_path).bars) == len(df)  # off by default
 
 
 def test_all_rows_quarantined_gives_typed_empty_bars(tmp_path):
@@ -486,7 +638,7 @@ _row = st.tuples(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(files=st.lists(st.lists(_row, min_size=0, max_size=25), min_size=1, max_size=3))
+@given(files=st.lists(st.lists(_row, min_size=1, max_size=25), min_size=1, max_size=3))
 def test_messy_input_is_fully_accounted_for(tmp_path_factory, files):
     raw = tmp_path_factory.mktemp("raw")
     frames = []

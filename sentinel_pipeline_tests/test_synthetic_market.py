@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -14,7 +15,10 @@ from sentinel_pipeline.data.synthetic_market import (
     DEFAULT_FILE_NAME,
     SyntheticMarket,
     SyntheticMarketConfig,
+    config_digest,
+    describe_market,
     ensure_default_raw_data,
+    ensure_synthetic_default,
     generate_synthetic_market,
     simulate_market,
 )
@@ -238,3 +242,21 @@ def test_ensure_default_raw_data_leaves_existing_parquet_alone(tmp_path):
     generate_synthetic_market(DEFAULT).head(10).to_parquet(own, index=False)
     assert ensure_default_raw_data(tmp_path, DEFAULT) == [own]
     assert not (tmp_path / DEFAULT_FILE_NAME).exists()
+
+
+# -- the pipeline's synthetic default: its own folder, named by its configuration -----------------
+def test_ensure_synthetic_default_names_the_file_by_config_and_replaces_older_markets(tmp_path):
+    small = SyntheticMarketConfig(seed=5, n_symbols=20, n_days=10)
+    first = ensure_synthetic_default(tmp_path / "synthetic", small)
+    assert first.parent == tmp_path / "synthetic" and first.name == f"synthetic_market-{config_digest(small)}.parquet"
+    mtime = first.stat().st_mtime_ns
+    assert ensure_synthetic_default(tmp_path / "synthetic", small) == first and first.stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(pd.read_parquet(first), generate_synthetic_market(small))
+    sidecar = json.loads(first.with_suffix(".json").read_text())
+    assert sidecar["description"] == describe_market(small) and sidecar["config"]["seed"] == 5
+    # another configuration: a new market, the old one (ours, in our folder) removed
+    other = ensure_synthetic_default(tmp_path / "synthetic", replace(small, seed=6))
+    assert other != first and sorted(p.name for p in other.parent.iterdir()) == sorted(
+        [other.name, other.with_suffix(".json").name])
+    assert describe_market(small) == ("synthetic default market (seed 5, 20 symbols x 10 days x 7 bars/day, "
+                                      "signal strength 0.2); not real market data")

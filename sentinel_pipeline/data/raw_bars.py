@@ -1,7 +1,8 @@
-"""Stage 1: read raw OHLCV parquet, validate every row, quarantine bad rows with a reason.
+"""Stage 1: read raw OHLCV files (parquet or CSV), validate every row, quarantine bad rows with a reason.
 
-``load_raw_bars(raw_dir)`` reads every ``*.parquet`` under ``raw_dir`` (recursively, sorted by path)
-with the columns ``symbol, timestamp, open, high, low, close, volume`` and returns
+``load_raw_bars(raw_dir)`` reads every ``*.parquet`` and ``*.csv`` file under ``raw_dir`` (recursively,
+sorted by path; hidden files are ignored, any other file fails naming it) with the columns
+``symbol, timestamp, open, high, low, close, volume`` (``load_bar_files`` reads a given list) and returns
 
 - ``bars``: the good rows, ``RAW_COLUMNS`` only, ``symbol`` a plain string column, ``timestamp``
   ``datetime64[ns, UTC]``, prices and volume float64, sorted by ``(symbol, timestamp)`` with a
@@ -19,17 +20,29 @@ Nothing is dropped silently: ``n_rows_in == n_rows_out + n_quarantined`` always.
 ``<symbol>~2``, ``<symbol>~3``, ... (and re-sorted), so that no later stage treats the two sides of the
 hole as one series; without it (the default) symbols are as in the files.
 
-Timestamps: tz-aware values are converted to UTC; tz-naive values (and dates) are taken as UTC and
-counted in ``n_tz_naive_rows``; strings are parsed as ISO 8601 (an offset or ``Z`` makes them
-tz-aware) and unparseable ones are quarantined. A row gets the first reason of ``QUARANTINE_REASONS``
-that applies. ``duplicate_key`` is judged among the rows that pass every other check: the first
-occurrence of a ``(symbol, timestamp)`` in file/row order is kept, later ones are quarantined (a
-broken earlier row therefore never displaces a good later one).
+CSV files have the same columns (a header row names them, extra columns are ignored) and get the same
+checks: ``symbol`` and ``timestamp`` are read as text, prices and volume as numbers (an empty cell is
+missing, a cell that is not a number fails naming the file and the column).
 
-A file that is not parquet, lacks a column or has a column of the wrong type raises
-:class:`RawDataError` naming the file and the problem. ``load_raw_bars`` never raises for the share of
-quarantined rows: the caller writes the quarantine first (so it can be inspected) and then calls
-:func:`enforce_quarantine_limit`.
+Timestamps: tz-aware values (a parquet timestamp with a time zone, an ISO-8601 string with ``Z`` or an
+offset) are converted to UTC. Values without a time zone (a parquet timestamp without tz, a date, an
+ISO string without offset) are **refused** (:class:`RawDataError` naming the file) unless
+``IngestConfig.source_timezone`` names the zone they are in (an IANA name such as ``UTC`` or
+``America/New_York``); then they are localised from that zone (daylight saving by pandas'
+``tz_localize``) and converted to UTC. A local time that does not exist (the spring-forward gap) or
+exists twice (the autumn fall-back hour) is quarantined (``nonexistent_local_time`` /
+``ambiguous_local_time``), never guessed. Strings are parsed strictly as ISO 8601; unparseable ones are
+quarantined. A row gets the first reason of ``QUARANTINE_REASONS`` that applies. ``duplicate_key`` is
+judged among the rows that pass every other check: the first occurrence of a ``(symbol, timestamp)``
+in file/row order is kept, later ones are quarantined (a broken earlier row therefore never displaces a
+good later one). ``short_history`` is judged last: with ``IngestConfig.min_symbol_bars = m`` the rows of
+a symbol with fewer than ``m`` good rows are quarantined (the data half derives ``m`` from its feature,
+label and split configuration: fewer bars cannot give one training sample).
+
+A file that is neither parquet nor CSV, cannot be read, holds no rows, lacks a column or has a column
+of the wrong type raises :class:`RawDataError` naming the file and the problem. ``load_raw_bars`` never
+raises for the share of quarantined rows: the caller writes the quarantine first (so it can be
+inspected) and then calls :func:`enforce_quarantine_limit`.
 
 All row work is vectorised (Arrow compute + NumPy); the only Python loops run over files and over
 the distinct symbol strings.
@@ -41,7 +54,10 @@ of two) and :func:`iter_row_groups` (stream a file one row group at a time, read
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +69,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
@@ -64,6 +81,8 @@ PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
 QUARANTINE_REASONS: tuple[str, ...] = (
     "missing_symbol",
     "unparseable_timestamp",
+    "nonexistent_local_time",
+    "ambiguous_local_time",
     "nan_or_inf_price",
     "non_positive_price",
     "high_below_low",
@@ -72,6 +91,15 @@ QUARANTINE_REASONS: tuple[str, ...] = (
     "nan_volume",
     "negative_volume",
     "duplicate_key",
+    "short_history",
+)
+# the file types the raw stage reads
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".parquet", ".csv")
+SOURCE_TZ_ENV = "SENTINEL_SOURCE_TZ"
+SOURCE_TZ_HELP = (
+    "set the time zone the file's timestamps are in: IngestConfig(source_timezone=...) in Python, "
+    f"source_timezone in the data_settings resource, --source-timezone on the data_half CLI, or the "
+    f"environment variable {SOURCE_TZ_ENV} (an IANA name such as UTC or America/New_York)"
 )
 QUARANTINE_COLUMNS: tuple[str, ...] = (*RAW_COLUMNS, "source_file", "source_row", "reason")
 
@@ -89,13 +117,50 @@ class QuarantineLimitError(RawDataError):
     """More rows were quarantined than ``IngestConfig.max_quarantine_fraction`` allows."""
 
 
+class InsufficientHistoryError(RawDataError):
+    """Too few bars (per symbol, or overall for the three splits) for the configuration."""
+
+
+def check_timezone(name: str) -> str:
+    """``name`` if pandas can localise to it (an IANA zone such as ``UTC`` or ``Europe/Berlin``), else ValueError."""
+    try:
+        pd.DatetimeIndex([]).tz_localize(name)
+    except Exception as exc:  # pandas/zoneinfo raise several types for an unknown zone
+        raise ValueError(
+            f"source_timezone {name!r} is not a time zone pandas knows (use an IANA name such as "
+            f"'UTC' or 'America/New_York'): {exc}"
+        ) from exc
+    return name
+
+
 @dataclass(frozen=True)
 class IngestConfig:
-    """``max_quarantine_fraction``: the largest share of input rows that may be quarantined;
+    """``max_quarantine_fraction``: the largest share of input rows that may be quarantined (0..1);
+    ``source_timezone``: the zone of timestamps that carry none (None: such files are refused);
+    ``min_symbol_bars``: symbols with fewer good rows are quarantined as ``short_history`` (0: off);
     ``quality``: the thresholds of the bar-quality flags (and the optional split at long holes)."""
 
     max_quarantine_fraction: float = 0.05
+    source_timezone: str | None = None
+    min_symbol_bars: int = 0
     quality: bar_quality.BarQualityConfig = field(default_factory=bar_quality.BarQualityConfig)
+
+    def __post_init__(self) -> None:
+        q = self.max_quarantine_fraction
+        if isinstance(q, bool) or not isinstance(q, int | float) or not (math.isfinite(q) and 0.0 <= q <= 1.0):
+            raise ValueError(
+                f"IngestConfig.max_quarantine_fraction must be a number between 0 and 1 (a share of the input "
+                f"rows, e.g. 0.05 for 5 %), got {q!r}"
+            )
+        object.__setattr__(self, "max_quarantine_fraction", float(q))
+        m = self.min_symbol_bars
+        if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 0:
+            raise ValueError(f"IngestConfig.min_symbol_bars must be an integer >= 0, got {m!r}")
+        object.__setattr__(self, "min_symbol_bars", int(m))
+        if self.source_timezone is not None:
+            if not isinstance(self.source_timezone, str) or not self.source_timezone.strip():
+                raise ValueError(f"IngestConfig.source_timezone must be None or a zone name, got {self.source_timezone!r}")
+            check_timezone(self.source_timezone)
 
 
 @dataclass
@@ -112,8 +177,10 @@ class _FileColumns:
 
     path: Path
     symbols: pa.Array
-    timestamp_ns: np.ndarray  # int64, _NAT where missing/unparseable
+    timestamp_ns: np.ndarray  # int64, _NAT where missing/unparseable/not a local time
     n_tz_naive: int
+    local_time_problem: np.ndarray | None  # int8 per row: 0 fine, 1 nonexistent, 2 ambiguous local time
+    timezone: str  # how the file's timestamps were read (for the report)
     prices: dict[str, np.ndarray]  # float64, NaN where null
     volume: np.ndarray
 
@@ -121,6 +188,34 @@ class _FileColumns:
 def list_parquet_files(raw_dir: str | Path) -> list[Path]:
     """Every ``*.parquet`` file under ``raw_dir`` (recursively), sorted by path."""
     return sorted(p for p in Path(raw_dir).rglob("*.parquet") if p.is_file())
+
+
+def _visible_files(raw_dir: Path) -> list[Path]:
+    """Every file under ``raw_dir`` except hidden ones (``.gitkeep``, ``.DS_Store``, files in hidden folders)."""
+    return sorted(
+        p for p in raw_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(raw_dir).parts)
+    )
+
+
+def list_input_files(raw_dir: str | Path) -> list[Path]:
+    """The parquet and CSV files under ``raw_dir`` (recursively, sorted by path; hidden files ignored).
+
+    Any other file raises :class:`RawDataError` naming it: a file the pipeline cannot read is never
+    silently skipped. An absent folder gives ``[]``.
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return []
+    files = _visible_files(raw_dir)
+    unsupported = [p for p in files if p.suffix.lower() not in SUPPORTED_SUFFIXES]
+    if unsupported:
+        shown = ", ".join(str(p) for p in unsupported[:10]) + (f" (+{len(unsupported) - 10} more)" if len(unsupported) > 10 else "")
+        raise RawDataError(
+            f"{raw_dir}: cannot read {len(unsupported)} file(s) in the raw data folder: {shown}. The raw stage reads "
+            f"parquet (*.parquet) and CSV (*.csv) with the columns {list(RAW_COLUMNS)}; convert or move the other files"
+        )
+    return files
 
 
 # -- reading one file -------------------------------------------------------------------------
@@ -152,48 +247,131 @@ def _type_problems(schema: pa.Schema) -> list[str]:
     return problems
 
 
-def _timestamps_to_ns(arr: pa.Array) -> tuple[np.ndarray, int]:
-    """int64 UTC nanoseconds (``_NAT`` where null or out of range) and the number of tz-naive values."""
+def _timestamps_to_ns(
+    arr: pa.Array, path: Path, source_timezone: str | None
+) -> tuple[np.ndarray, int, np.ndarray | None, str]:
+    """UTC nanoseconds of a timestamp column: ``(int64 ns, n_tz_naive, local_time_problem, description)``.
+
+    ``_NAT`` where null, unparseable, out of range or not a valid local time (``local_time_problem``
+    says which: 1 nonexistent, 2 ambiguous; None when nothing was localised). Values without a time
+    zone raise :class:`RawDataError` unless ``source_timezone`` is given.
+    """
+    n = len(arr)
     if pa.types.is_null(arr.type):
-        return np.full(len(arr), _NAT, dtype=np.int64), 0
+        return np.full(n, _NAT, dtype=np.int64), 0, None, "no timestamps"
     if _is_string(arr.type):
         naive = ~pc.fill_null(pc.match_substring_regex(arr, _TZ_SUFFIX), False).to_numpy(zero_copy_only=False)
+        # naive strings parse as their wall-clock time in UTC; localised below when a zone is given
         arr = pa.Array.from_pandas(
             pd.to_datetime(arr.to_pandas(), utc=True, errors="coerce", format="ISO8601")
         )
+        zone = "UTC (offsets in the strings)"
     else:
         if pa.types.is_date(arr.type):
             arr = arr.cast(pa.timestamp("s"))
-        naive = np.full(len(arr), arr.type.tz is None)
+        naive = np.full(n, arr.type.tz is None)
+        zone = f"{arr.type.tz} (from the file)" if arr.type.tz is not None else ""
     factor = _NS_PER_UNIT[arr.type.unit]
     raw = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
     ok = arr.is_valid().to_numpy(zero_copy_only=False) & (np.abs(raw) < np.iinfo(np.int64).max // factor)
-    return np.where(ok, raw * factor, _NAT), int(np.count_nonzero(naive & ok))
+    ns = np.where(ok, raw * factor, _NAT)
+    naive &= ok
+    n_naive = int(np.count_nonzero(naive))
+    if not n_naive:
+        return ns, 0, None, zone or "UTC"
+    if source_timezone is None:
+        example = pd.Timestamp(int(ns[np.flatnonzero(naive)[0]]), unit="ns").isoformat()
+        raise RawDataError(
+            f"{path}: {n_naive} timestamp(s) carry no time zone (e.g. '{example}'); naive timestamps are never "
+            f"guessed to be UTC. If they are UTC or local exchange time, {SOURCE_TZ_HELP}"
+        )
+    where = np.flatnonzero(naive)
+    wall = pd.DatetimeIndex(ns[where].view("datetime64[ns]"))
+    local = wall.tz_localize(source_timezone, ambiguous="NaT", nonexistent="NaT")
+    problem = np.zeros(n, dtype=np.int8)
+    bad = np.asarray(local.isna())
+    if bad.any():  # tell the gap (nonexistent) from the repeated hour (ambiguous)
+        gap = np.asarray(wall.tz_localize(source_timezone, ambiguous=np.ones(len(wall), bool), nonexistent="NaT").isna())
+        problem[where[bad & gap]] = 1
+        problem[where[bad & ~gap]] = 2
+    ns[where] = np.where(bad, _NAT, local.asi8)
+    described = f"naive, localised from {source_timezone}"
+    return ns, n_naive, problem, described if n_naive == n else f"{zone or 'UTC'}; {described}"
 
 
-def _read_file(path: Path) -> _FileColumns:
+def _missing_columns(path: Path, names: list[str]) -> None:
+    missing = [c for c in RAW_COLUMNS if c not in names]
+    if missing:
+        raise RawDataError(
+            f"{path}: missing required column(s) {missing}; file has {names}, expected {list(RAW_COLUMNS)}"
+        )
+
+
+def _read_parquet_table(path: Path) -> pa.Table:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
         raise RawDataError(f"{path}: not a readable parquet file ({exc})") from exc
-    missing = [c for c in RAW_COLUMNS if c not in schema.names]
-    if missing:
-        raise RawDataError(
-            f"{path}: missing required column(s) {missing}; file has {schema.names}, expected {list(RAW_COLUMNS)}"
-        )
+    _missing_columns(path, schema.names)
     problems = _type_problems(schema)
     if problems:
         raise RawDataError(f"{path}: wrong column type(s): " + "; ".join(problems))
     try:
-        table = pq.read_table(path, columns=list(RAW_COLUMNS), memory_map=True)
+        return pq.read_table(path, columns=list(RAW_COLUMNS), memory_map=True)
     except (pa.ArrowException, OSError) as exc:
         raise RawDataError(f"{path}: cannot read parquet data ({exc})") from exc
+
+
+_CSV_TYPES: dict[str, pa.DataType] = {
+    "symbol": pa.string(), "timestamp": pa.string(), **{c: pa.float64() for c in (*PRICE_COLUMNS, "volume")}
+}
+
+
+def _read_csv_table(path: Path) -> pa.Table:
+    """A CSV file's raw columns: symbol and timestamp as text (parsed like parquet strings), prices and
+    volume as float64 (empty cells null; a cell that is not a number fails naming the column)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RawDataError(f"{path}: not a readable CSV file ({exc})") from exc
+    if not header:
+        raise RawDataError(f"{path}: empty CSV file (no header, 0 rows); expected the columns {list(RAW_COLUMNS)}")
+    header = [h.strip() for h in header]
+    _missing_columns(path, header)
+    try:
+        return pv.read_csv(
+            path,
+            read_options=pv.ReadOptions(column_names=header, skip_rows=1),
+            convert_options=pv.ConvertOptions(
+                column_types=_CSV_TYPES, include_columns=list(RAW_COLUMNS), strings_can_be_null=True
+            ),
+        )
+    except (pa.ArrowException, OSError) as exc:
+        problem = str(exc)
+        m = re.search(r"CSV column #(\d+)", problem)
+        if m and int(m.group(1)) < len(header):
+            column = header[int(m.group(1))]
+            problem = f"column '{column}' (expected {'a number' if _CSV_TYPES.get(column) == pa.float64() else 'text'}): {problem}"
+        raise RawDataError(f"{path}: wrong column type(s) or unreadable CSV: {problem}") from exc
+
+
+def _read_file(path: Path, source_timezone: str | None = None) -> _FileColumns:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        table = _read_csv_table(path)
+    elif suffix == ".parquet":
+        table = _read_parquet_table(path)
+    else:
+        raise RawDataError(f"{path}: not a parquet or CSV file; the raw stage reads {list(SUPPORTED_SUFFIXES)}")
+    if table.num_rows == 0:
+        raise RawDataError(f"{path}: the file holds no rows (0 bars); remove it or give it data")
     cols = {c: table.column(c) for c in RAW_COLUMNS}
 
     symbols = cols["symbol"].combine_chunks()
     if symbols.type != pa.string():
         symbols = symbols.cast(pa.string())
-    ts_ns, n_naive = _timestamps_to_ns(cols["timestamp"].combine_chunks())
+    ts_ns, n_naive, problem, zone = _timestamps_to_ns(cols["timestamp"].combine_chunks(), path, source_timezone)
 
     def as_float(arr: pa.ChunkedArray) -> np.ndarray:  # one copy, straight from the chunks (writable)
         return arr.cast(pa.float64(), safe=False).to_numpy()
@@ -203,6 +381,8 @@ def _read_file(path: Path) -> _FileColumns:
         symbols=symbols,
         timestamp_ns=ts_ns,
         n_tz_naive=n_naive,
+        local_time_problem=problem,
+        timezone=zone,
         prices={c: as_float(cols[c]) for c in PRICE_COLUMNS},
         volume=as_float(cols["volume"]),
     )
@@ -280,19 +460,33 @@ def _iso(ns: int) -> str:
 
 
 def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> IngestResult:
-    """Read, validate and quarantine every ``*.parquet`` under ``raw_dir`` (see the module docstring).
+    """Read, validate and quarantine every parquet/CSV file under ``raw_dir`` (see the module docstring).
 
     ``config`` only feeds the report (``max_quarantine_fraction``, ``within_quarantine_limit``);
     enforcing the limit is :func:`enforce_quarantine_limit`'s job.
     """
-    cfg = config if config is not None else IngestConfig()
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise RawDataError(f"{raw_dir}: raw data directory does not exist")
-    paths = list_parquet_files(raw_dir)
+    paths = list_input_files(raw_dir)
     if not paths:
-        raise RawDataError(f"{raw_dir}: no *.parquet files found in the raw data directory")
-    files = [_read_file(p) for p in paths]
+        raise RawDataError(f"{raw_dir}: no *.parquet or *.csv files found in the raw data directory")
+    return load_bar_files(paths, config, origin=raw_dir)
+
+
+def load_bar_files(
+    paths: list[Path], config: IngestConfig | None = None, *, origin: str | Path | None = None
+) -> IngestResult:
+    """:func:`load_raw_bars` on an explicit list of parquet/CSV files (read in the given order).
+
+    ``origin`` (the folder they came from) only names the input in error messages.
+    """
+    cfg = config if config is not None else IngestConfig()
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise RawDataError(f"{origin}: no input files")
+    files = [_read_file(p, cfg.source_timezone) for p in paths]
+    raw_dir = Path(origin) if origin is not None else paths[0].parent
 
     rows_per_file = np.array([len(f.volume) for f in files], dtype=np.int64)
     n = int(rows_per_file.sum())
@@ -302,6 +496,9 @@ def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> In
     )
     codes, names, n_valid_names = _encode_symbols(files)
     ts = _concat([f.timestamp_ns for f in files])
+    local_problem = np.concatenate(
+        [f.local_time_problem if f.local_time_problem is not None else np.zeros(len(f.volume), np.int8) for f in files]
+    )
     o, h, lo, c = (_concat([f.prices[col] for f in files]) for col in PRICE_COLUMNS)
     v = _concat([f.volume for f in files])
 
@@ -310,7 +507,9 @@ def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> In
     with np.errstate(invalid="ignore"):
         checks = (
             (codes < 0) | (codes >= n_valid_names),
-            ts == _NAT,
+            (ts == _NAT) & (local_problem == 0),
+            local_problem == 1,
+            local_problem == 2,
             ~(np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)),
             (o <= 0) | (h <= 0) | (lo <= 0) | (c <= 0),
             h < lo,
@@ -331,6 +530,13 @@ def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> In
     same = (cc[1:] == cc[:-1]) & (ct[1:] == ct[:-1])
     reason[cand[1:][same]] = QUARANTINE_REASONS.index("duplicate_key") + 1
     keep = cand[np.concatenate([[True], ~same])] if len(cand) else cand
+    # symbols too short for the configuration (judged on their good rows): quarantined, never silently dropped
+    kept_counts = np.bincount(codes[keep], minlength=n_valid_names) if len(keep) else np.zeros(n_valid_names, np.int64)
+    short = (kept_counts > 0) & (kept_counts < cfg.min_symbol_bars)
+    if short.any():
+        is_short = short[codes[keep]]
+        reason[keep[is_short]] = QUARANTINE_REASONS.index("short_history") + 1
+        keep = keep[~is_short]
     # every row good and already in order (the usual case): the kept rows are all rows, no gather
     kept: np.ndarray | slice = slice(None) if order is None and len(keep) == n else keep
     kept_ts = ts[kept]
@@ -379,14 +585,20 @@ def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> In
         "within_quarantine_limit": fraction <= cfg.max_quarantine_fraction,
         "quarantine_by_reason": {r: int(reason_counts[k + 1]) for k, r in enumerate(QUARANTINE_REASONS)},
         "n_tz_naive_rows": int(sum(f.n_tz_naive for f in files)),
+        "source_timezone": cfg.source_timezone,
+        "min_symbol_bars": cfg.min_symbol_bars,
+        "n_short_history_symbols": int(short.sum()),
+        "short_history_symbols": {
+            names[k]: int(kept_counts[k]) for k in np.flatnonzero(short)[np.argsort(kept_counts[short], kind="stable")][:20]
+        },
         "n_symbols": len(per_symbol),
         "rows_per_symbol_min": int(per_symbol.min()) if len(per_symbol) else 0,
         "rows_per_symbol_max": int(per_symbol.max()) if len(per_symbol) else 0,
         "time_min": _iso(int(kept_ts.min())) if len(keep) else None,
         "time_max": _iso(int(kept_ts.max())) if len(keep) else None,
         "files": [
-            {"path": name, "rows": int(rows), "n_quarantined": int(nq)}
-            for name, rows, nq in zip(file_names, rows_per_file, q_per_file, strict=True)
+            {"path": name, "rows": int(rows), "n_quarantined": int(nq), "timezone": f.timezone}
+            for name, rows, nq, f in zip(file_names, rows_per_file, q_per_file, files, strict=True)
         ],
     }
     quality = bar_quality.assess_bars(bars, cfg.quality)
@@ -424,9 +636,13 @@ def enforce_quarantine_limit(result: IngestResult, config: IngestConfig | None =
         files = ", ".join(f"{f}: {k}" for f, k in per_file.most_common(3))
         more = f", +{len(per_file) - 3} more files" if len(per_file) > 3 else ""
         top.append(f"{reason}: {count} ({files}{more})")
+    short = ""
+    if reasons.get("short_history"):
+        short = (f" (short_history: the rows of symbols with fewer than {report.get('min_symbol_bars')} bars, the "
+                 f"least the feature, label and split configuration needs)")
     raise QuarantineLimitError(
         f"quarantined {report['n_quarantined']} of {report['n_rows_in']} rows = {fraction:.2%}, above the "
-        f"limit max_quarantine_fraction={cfg.max_quarantine_fraction:.2%}; top reasons: " + "; ".join(top)
+        f"limit max_quarantine_fraction={cfg.max_quarantine_fraction:.2%}; top reasons: " + "; ".join(top) + short
     )
 
 

@@ -1,7 +1,10 @@
 """The embedded default market: a deterministic synthetic panel of hourly bars with a planted signal.
 
-When the raw landing zone holds no parquet, :func:`ensure_default_raw_data` writes
-``synthetic_default.parquet`` there, so the whole pipeline runs out of the box. The same seed always
+When the raw landing zone is empty or absent, the data half generates this market with
+:func:`ensure_synthetic_default` into **its own folder** (``data/synthetic/``, never the user's landing
+zone) and ingests it from there, so the whole pipeline runs out of the box; every report then says
+"synthetic" (:func:`describe_market`). The file name carries a digest of the configuration, so a
+changed configuration generates a new market instead of reusing the old one. The same seed always
 gives the identical frame.
 
 Model (per symbol ``i``, bar ``t``; all returns are log returns of the close)::
@@ -57,8 +60,10 @@ vectorised NumPy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numba
@@ -70,6 +75,7 @@ from sentinel_pipeline.atomic_io import atomic_path
 from sentinel_pipeline.data.raw_bars import RAW_COLUMNS, list_parquet_files
 
 DEFAULT_FILE_NAME = "synthetic_default.parquet"
+SYNTHETIC_FILE_PREFIX = "synthetic_market-"
 # fixed (month, day) holidays skipped by the trading calendar
 HOLIDAYS: tuple[tuple[int, int], ...] = ((1, 1), (6, 19), (7, 4), (12, 25))
 
@@ -306,7 +312,9 @@ def generate_synthetic_market(config: SyntheticMarketConfig | None = None) -> pd
 
 
 def ensure_default_raw_data(raw_dir: str | Path, config: SyntheticMarketConfig | None = None) -> list[Path]:
-    """Write ``synthetic_default.parquet`` into ``raw_dir`` only if it holds no parquet yet.
+    """Write ``synthetic_default.parquet`` into ``raw_dir`` only if it holds no parquet yet (benchmarks
+    and tests that want a market as raw input; the pipeline itself never writes into a landing zone,
+    it uses :func:`ensure_synthetic_default`).
 
     Returns the parquet files present afterwards, in the order ``load_raw_bars`` reads them.
     """
@@ -318,3 +326,41 @@ def ensure_default_raw_data(raw_dir: str | Path, config: SyntheticMarketConfig |
     with atomic_path(raw_dir / DEFAULT_FILE_NAME) as tmp:
         bars.to_parquet(tmp, index=False)
     return list_parquet_files(raw_dir)
+
+
+def config_digest(config: SyntheticMarketConfig | None = None) -> str:
+    """16 hex digits of sha256 over the configuration (every field), naming its generated file."""
+    body = json.dumps(asdict(config or SyntheticMarketConfig()), sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def describe_market(config: SyntheticMarketConfig | None = None) -> str:
+    """One line that says plainly that the data is the synthetic default, and which one."""
+    c = config or SyntheticMarketConfig()
+    return (f"synthetic default market (seed {c.seed}, {c.n_symbols} symbols x {c.n_days} days x "
+            f"{c.bars_per_day} bars/day, signal strength {c.signal_strength:g}); not real market data")
+
+
+def ensure_synthetic_default(directory: str | Path, config: SyntheticMarketConfig | None = None) -> Path:
+    """The parquet file of the synthetic default market for ``config`` in ``directory`` (its own folder,
+    e.g. ``data/synthetic/``), generated when absent.
+
+    The file is ``synthetic_market-<config digest>.parquet`` with a JSON sidecar of the configuration;
+    other generated markets in the folder (older configurations) are removed. Never point
+    ``directory`` at a raw landing zone.
+    """
+    config = config or SyntheticMarketConfig()
+    directory = Path(directory)
+    name = f"{SYNTHETIC_FILE_PREFIX}{config_digest(config)}"
+    path = directory / f"{name}.parquet"
+    if not path.is_file():
+        bars = generate_synthetic_market(config)
+        with atomic_path(path) as tmp:
+            bars.to_parquet(tmp, index=False)
+        with atomic_path(directory / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps({"description": describe_market(config), "config": asdict(config)},
+                                      indent=2, sort_keys=True, default=str) + "\n")
+    for old in directory.glob(f"{SYNTHETIC_FILE_PREFIX}*"):
+        if old.stem != name and old.is_file():
+            old.unlink()
+    return path

@@ -1,13 +1,15 @@
 """Dagster assets of the data half: raw bars -> features -> labels -> splits -> scalers -> HDF5 -> Arrow.
 
-Each asset is a thin wrapper around a ``sentinel_pipeline.data_half.run_*`` function: it computes the
-stage's input fingerprint, reuses the stage when nothing changed, otherwise runs it under the stage
-lock, and reports the stage summary as UI metadata.
+Each asset is a thin wrapper around a ``sentinel_pipeline.data_half`` stage: it computes the stage's
+input fingerprint (``data_half.stage_fingerprint``: config, code version and the sha256 of the upstream
+files as they are on disk), reuses the stage when nothing changed, otherwise builds it under the stage
+lock all or nothing (``data_half.build_stage``: a failed build leaves the previous outputs untouched),
+and reports the stage summary, including where its data came from (``data_source``), as UI metadata.
 """
 
 
+import os
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,13 @@ from sentinel_pipeline.orchestration.metadata import file_size_mb, md_kv_table, 
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 from sentinel_pipeline.stage_cache import (
-    files_fingerprint,
-    fingerprint,
+    StageInputError,
+    clear_failure,
+    failed_dir,
     fresh_record,
+    last_failure,
     read_record,
-    write_record,
+    upstream_state,
 )
 
 
@@ -37,8 +41,10 @@ class DataHalfSettings(dg.ConfigurableResource):
     """The data half's parameters, shared by every stage of a run (so labels, splits and HDF5 agree)."""
 
     # ingest
-    max_quarantine_fraction: float = 0.05
-    generate_default_when_empty: bool = True
+    max_quarantine_fraction: float = 0.05  # share of input rows, 0..1
+    # time zone of raw timestamps that carry none (IANA name); None: such files are refused
+    source_timezone: str | None = os.environ.get(raw_mod.SOURCE_TZ_ENV) or None
+    generate_default_when_empty: bool = True  # empty raw folder: the synthetic default from data/synthetic/
     # bar-quality flags (sentinel_pipeline.data.bar_quality); split_at_hole_bars: None keeps symbols whole
     jump_log_return: float = 0.35
     spike_log_excess: float = 0.25
@@ -46,7 +52,7 @@ class DataHalfSettings(dg.ConfigurableResource):
     flat_run_bars: int = 3
     hole_bars: int = 20
     split_at_hole_bars: int | None = None
-    # embedded synthetic default market (used only when the raw directory holds no parquet)
+    # embedded synthetic default market (used only when the raw directory is empty or absent)
     synthetic_seed: int = SyntheticMarketConfig.seed
     synthetic_n_symbols: int = SyntheticMarketConfig.n_symbols
     synthetic_n_days: int = SyntheticMarketConfig.n_days
@@ -78,6 +84,7 @@ class DataHalfSettings(dg.ConfigurableResource):
         return data_half.DataHalfConfig(
             ingest=raw_mod.IngestConfig(
                 max_quarantine_fraction=self.max_quarantine_fraction,
+                source_timezone=self.source_timezone,
                 quality=BarQualityConfig(
                     jump_log_return=self.jump_log_return,
                     spike_log_excess=self.spike_log_excess,
@@ -108,34 +115,59 @@ class DataHalfSettings(dg.ConfigurableResource):
 
 
 def upstream_fingerprint(stage_dir: Path, name: str) -> str:
-    record = read_record(stage_dir)
-    if record is None:
-        raise dg.Failure(description=f"upstream stage '{name}' has not been materialised ({stage_dir} has no record)")
-    return str(record["fingerprint"])
+    """What a downstream asset chains from a data stage: its record's fingerprint and the sha256 of its
+    files as they are on disk (``stage_cache.upstream_state``); a Failure when those files are missing,
+    differ from the record, or the stage's last run, or that of a stage above it, failed."""
+    stage = {"labelled_dataset": "labels", "dataset_splits": "splits"}.get(name, name)
+    try:
+        if stage in data_half.UPSTREAMS:  # <data_dir>/artifacts/<stage>
+            data_half.check_ancestors(stage, ArtifactPaths(data_dir=Path(stage_dir).parent.parent))
+        return upstream_state(stage_dir, name)
+    except StageInputError as exc:
+        raise dg.Failure(description=str(exc)) from exc
 
 
 def run_stage(
     context: dg.AssetExecutionContext,
-    stage_dir: Path,
-    fp: str,
-    build: Callable[[], dict[str, Any]],
+    name: str,
+    paths: ArtifactPaths,
+    cfg: data_half.DataHalfConfig,
     ui: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> dg.MaterializeResult:
-    """Reuse the stage when its fingerprint and outputs are unchanged, else build it under the stage lock."""
+    """Reuse the stage when its fingerprint and outputs are unchanged, else build it (all or nothing)
+    under the stage lock."""
+    stage_dir = paths.stage_dir(name)
+    try:
+        fp = data_half.stage_fingerprint(name, paths, cfg)
+    except (StageInputError, ValueError) as exc:  # an upstream not to be trusted, an unreadable raw file
+        raise dg.Failure(description=str(exc)) from exc
     reused = True
     record = fresh_record(stage_dir, fp)
-    if record is None:
+    if record is None or last_failure(stage_dir) is not None:
         with exclusive_lock(stage_dir):
             record = fresh_record(stage_dir, fp)  # another run may have built it while we waited
             if record is None:
                 reused = False
-                summary = build()
-                outputs = [p for p in sorted(stage_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-                record = write_record(stage_dir, fp, outputs, summary)
+                try:
+                    data_half.build_stage(name, paths, cfg, fp)
+                except (ValueError, RuntimeError) as exc:  # bad input data, too little of it, a stage error
+                    raise dg.Failure(
+                        description=f"{exc}\n({data_half.failure_note(name, paths)})",
+                        metadata={"last_failed": dg.MetadataValue.path(str(failed_dir(stage_dir))),
+                                  "previous_outputs": dg.MetadataValue.path(str(stage_dir))},
+                    ) from exc
+                record = read_record(stage_dir)
+                assert record is not None, stage_dir
+            else:
+                clear_failure(stage_dir)  # the inputs are those of the last good build again
     if reused:
         context.log.info(f"inputs unchanged (fingerprint {fp[:12]}): reusing {stage_dir}")
+    source = record["metadata"].get("data_source")
+    if source and source.startswith("synthetic"):
+        context.log.warning(f"{name}: SYNTHETIC DATA: built from the {source} (the raw folder {paths.raw_dir} is empty)")
     metadata = ui(record["metadata"])
-    metadata.update({"input_fingerprint": fp[:16], "reused": reused, "path": dg.MetadataValue.path(str(stage_dir))})
+    metadata.update({"input_fingerprint": fp[:16], "reused": reused, "path": dg.MetadataValue.path(str(stage_dir)),
+                     "data_source": str(source)})
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fp[:16]))
 
 
@@ -146,25 +178,21 @@ def _paths(settings: PipelineSettings) -> ArtifactPaths:
 # -- 1. raw bars -------------------------------------------------------------------------------------
 @dg.asset(group_name="ingest", kinds={"parquet"}, pool=WRITE_POOL)
 def raw_bars(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
-    """Every raw OHLCV parquet file of the landing zone, validated; bad rows quarantined with a reason."""
+    """Every raw OHLCV parquet/CSV file of the landing zone (or, when it is empty, the synthetic default
+    market from its own folder, and then said so), validated; bad rows quarantined with a reason."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    files = data_half.raw_input_files(paths, cfg)
-    fp = fingerprint(stage="raw_bars", files=files_fingerprint(files), ingest=asdict(cfg.ingest))
-
-    def build() -> dict[str, Any]:
-        try:
-            return data_half.run_raw_bars(paths, cfg)
-        except raw_mod.QuarantineLimitError as exc:
-            raise dg.Failure(
-                description=str(exc),
-                metadata={"quarantine": dg.MetadataValue.path(str(paths.quarantine))},
-            ) from exc
-        except raw_mod.RawDataError as exc:
-            raise dg.Failure(description=str(exc)) from exc
 
     def ui(s: dict[str, Any]) -> dict[str, Any]:
         r = s["report"]
+        h = r.get("minimum_history", {})
         return {
+            "synthetic": bool(s.get("synthetic")),
+            "input_files": md_table([{"file": f} for f in s.get("input_files", [])]),
+            "source_timezone": str(r.get("source_timezone") or "none (naive timestamps refused)"),
+            "tz_naive_rows": int(r.get("n_tz_naive_rows", 0)),
+            "minimum_history_bars": int(r.get("min_symbol_bars", 0)),
+            "minimum_history": md_kv_table({k: v for k, v in h.items() if not isinstance(v, dict)}, "need", "bars"),
+            "short_history_symbols": md_kv_table(r.get("short_history_symbols", {}), "symbol", "bars"),
             "dagster/row_count": r["n_rows_out"],
             "rows_in": r["n_rows_in"],
             "quarantined": r["n_quarantined"],
@@ -173,13 +201,13 @@ def raw_bars(context: dg.AssetExecutionContext, settings: PipelineSettings, data
             "symbols": r["n_symbols"],
             "time_min": str(r["time_min"]),
             "time_max": str(r["time_max"]),
-            "files": md_table(r.get("files", [])),
+            "files": md_table(r.get("files", []), ["path", "rows", "n_quarantined", "timezone"]),
             **quality_metadata(r.get("bar_quality", {})),
             "size_mb": file_size_mb(paths.bars),
             "seconds": s.get("seconds", 0.0),
         }
 
-    return run_stage(context, paths.raw_bars_dir, fp, build, ui)
+    return run_stage(context, "raw_bars", paths, cfg, ui)
 
 
 def quality_metadata(q: dict[str, Any]) -> dict[str, Any]:
@@ -252,8 +280,6 @@ def feature_contract(settings: PipelineSettings, data_settings: DataHalfSettings
 def features(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Causal per-symbol features in the seq / snap / ctx_cat / ctx_cont groups of the contract."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    contract = data_half.load_contract(paths)
-    fp = fingerprint(stage="features", raw=upstream_fingerprint(paths.raw_bars_dir, "raw_bars"), contract=contract.hash)
 
     def ui(s: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -266,7 +292,7 @@ def features(context: dg.AssetExecutionContext, settings: PipelineSettings, data
             "seconds": s.get("seconds", 0.0),
         }
 
-    return run_stage(context, paths.features_dir, fp, lambda: data_half.run_features(paths, cfg), ui)
+    return run_stage(context, "features", paths, cfg, ui)
 
 
 # -- 3. labels -------------------------------------------------------------------------------------------
@@ -274,11 +300,6 @@ def features(context: dg.AssetExecutionContext, settings: PipelineSettings, data
 def labelled_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Triple-barrier labels, forward returns and entry-quality targets per bar."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    fp = fingerprint(
-        stage="labels",
-        features=upstream_fingerprint(paths.features_dir, "features"),
-        labels=labels_mod.label_params(cfg.labels),
-    )
 
     def ui(s: dict[str, Any]) -> dict[str, Any]:
         st = s["stats"]
@@ -293,7 +314,7 @@ def labelled_dataset(context: dg.AssetExecutionContext, settings: PipelineSettin
             "seconds": s.get("seconds", 0.0),
         }
 
-    return run_stage(context, paths.labelled_dataset.parent, fp, lambda: data_half.run_labels(paths, cfg), ui)
+    return run_stage(context, "labels", paths, cfg, ui)
 
 
 def label_quirk_metadata(st: dict[str, Any]) -> dict[str, Any]:
@@ -318,11 +339,6 @@ def label_quirk_metadata(st: dict[str, Any]) -> dict[str, Any]:
 def dataset_splits(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Chronological train/val/test by global cut points, purged by the label window and embargoed."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    fp = fingerprint(
-        stage="splits",
-        labels=upstream_fingerprint(paths.labelled_dataset.parent, "labelled_dataset"),
-        splits=asdict(cfg.splits),
-    )
 
     def ui(s: dict[str, Any]) -> dict[str, Any]:
         summ = s["summary"]
@@ -331,7 +347,7 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: PipelineSettings
         return {"splits": md_table(rows), "cuts": md_kv_table(summ.get("cuts", {}), "cut", "timestamp"),
                 "seconds": s.get("seconds", 0.0)}
 
-    return run_stage(context, paths.split_assignment.parent, fp, lambda: data_half.run_splits(paths, cfg), ui)
+    return run_stage(context, "splits", paths, cfg, ui)
 
 
 # -- 5. scalers ------------------------------------------------------------------------------------------
@@ -345,8 +361,7 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: PipelineSettings
 def scalers(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Robust scalers (with clipping) for the seq and snap groups, fitted on train rows only."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    fp = fingerprint(stage="scalers", splits=upstream_fingerprint(paths.split_assignment.parent, "dataset_splits"))
-    result = run_stage(context, paths.scalers_dir, fp, lambda: data_half.run_scalers(paths, cfg), _scaler_ui)
+    result = run_stage(context, "scalers", paths, cfg, _scaler_ui)
     md = dict(result.metadata or {})
     yield dg.MaterializeResult(asset_key="seq_scaler", metadata={**md, "file": dg.MetadataValue.path(str(paths.seq_scaler))},
                                data_version=result.data_version)
@@ -366,8 +381,6 @@ def _scaler_ui(s: dict[str, Any]) -> dict[str, Any]:
 def hdf5_splits(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """train.h5 / val.h5 / test.h5: scaled per-bar rows, targets and sample end-rows (the training contract)."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    fp = fingerprint(stage="hdf5", scalers=upstream_fingerprint(paths.scalers_dir, "scalers"),
-                     labels=labels_mod.label_params(cfg.labels))
 
     def ui(s: dict[str, Any]) -> dict[str, Any]:
         rows = [{"split": k, **{kk: vv for kk, vv in v.items() if not isinstance(vv, dict | list)}}
@@ -380,7 +393,7 @@ def hdf5_splits(context: dg.AssetExecutionContext, settings: PipelineSettings, d
             "seconds": s.get("seconds", 0.0),
         }
 
-    return run_stage(context, paths.hdf5_dir, fp, lambda: data_half.run_hdf5(paths, cfg), ui)
+    return run_stage(context, "hdf5_splits", paths, cfg, ui)
 
 
 # -- 7. Arrow cache --------------------------------------------------------------------------------------
@@ -388,7 +401,6 @@ def hdf5_splits(context: dg.AssetExecutionContext, settings: PipelineSettings, d
 def arrow_cache(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Uncompressed Arrow IPC copies of the splits that the training loader memory-maps without copying."""
     paths, cfg = _paths(settings), data_settings.to_config()
-    fp = fingerprint(stage="arrow", hdf5=upstream_fingerprint(paths.hdf5_dir, "hdf5_splits"))
 
     def ui(s: dict[str, Any]) -> dict[str, Any]:
         rows = [{"split": k, **{kk: vv for kk, vv in v.items() if not isinstance(vv, dict | list)}}
@@ -396,7 +408,7 @@ def arrow_cache(context: dg.AssetExecutionContext, settings: PipelineSettings, d
         return {"splits": md_table(rows), "size_mb": file_size_mb(*(paths.arrow(x) for x in SPLITS)),
                 "seconds": s.get("seconds", 0.0)}
 
-    return run_stage(context, paths.arrow_dir, fp, lambda: data_half.run_arrow_cache(paths, cfg), ui)
+    return run_stage(context, "arrow_cache", paths, cfg, ui)
 
 
 DATA_ASSETS = [raw_bars, feature_contract, features, labelled_dataset, dataset_splits, scalers, hdf5_splits, arrow_cache]

@@ -48,6 +48,7 @@ def raw_data_quality(settings: PipelineSettings, data_settings: DataHalfSettings
             "unique_keys": unique,
             "finite": finite,
             "by_reason": md_kv_table(report.get("quarantine_by_reason", {}), "reason", "rows"),
+            "data_source": str(report.get("data_source")),
         },
         description=None if passed else f"quarantine {fraction:.3%} (limit {limit:.1%}), sorted={keys_sorted}, "
         f"unique={unique}, finite={finite}",
