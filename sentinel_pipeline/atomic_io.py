@@ -153,8 +153,14 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:48] or "host"
 
 
-def _tmp_sibling(path: Path, kind: str) -> Path:
+def temp_sibling(path: str | os.PathLike[str], kind: str = "tmp") -> Path:
+    """A temp path next to ``path`` that names its writer (``.<name>.<kind>-<pid>-<host>-<rand>``), so that
+    :func:`sweep_stale_temps` can tell a dead writer's leftover from a live one's."""
+    path = Path(path)
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}")
+
+
+_tmp_sibling = temp_sibling
 
 
 def temp_writer(path: str | os.PathLike[str]) -> tuple[int, str] | None:

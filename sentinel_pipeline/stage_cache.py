@@ -28,13 +28,12 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sentinel_pipeline import __version__
-from sentinel_pipeline.atomic_io import write_json_atomic
+from sentinel_pipeline.atomic_io import sweep_stale_temps, temp_sibling, write_json_atomic
 
 RECORD_NAME = ".stage.json"
 FAILED_DIR = "last_failed"
@@ -164,7 +163,8 @@ def build_stage(
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    staging = stage_dir / f".stage.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sweep_stale_temps(stage_dir)  # a build that died (SIGKILL, power loss) left its staging folder
+    staging = temp_sibling(stage_dir / "stage")
     staging.mkdir()
     try:
         try:

@@ -289,3 +289,24 @@ def test_training_cli_on_a_full_models_disk_says_so_in_one_line(
     err = capsys.readouterr().err
     assert code != 0
     assert f"cannot write {models}: the disk is full" in err and "Traceback" not in err, err
+
+
+def test_a_data_stage_build_sweeps_the_staging_folder_of_a_build_that_died(tmp_path: Path) -> None:
+    from sentinel_pipeline.stage_cache import build_stage, read_record
+
+    stage = tmp_path / "features"
+    stage.mkdir()
+    dead = _dead_pid()
+    leftover = stage / f".stage.tmp-{dead}-{atomic_io._host_tag()}-0123abcd"
+    leftover.mkdir()
+    (leftover / "features.parquet").write_bytes(b"half written")
+
+    def build(staging: Path) -> dict[str, int]:
+        assert atomic_io.temp_writer(staging) == (os.getpid(), atomic_io._host_tag())  # names its writer
+        (staging / "out.txt").write_text("ok")
+        return {"rows": 1}
+
+    record = build_stage(stage, "fp", build)
+    assert not leftover.exists()
+    assert sorted(p.name for p in stage.iterdir()) == [".stage.json", "out.txt"]
+    assert record["outputs"].keys() == {"out.txt"} and read_record(stage)["fingerprint"] == "fp"
