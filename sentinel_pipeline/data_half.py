@@ -18,6 +18,7 @@ and the HDF5 stage writes the three split files in row chunks (``*_from_parquet`
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -271,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw-dir", default=None)
     args = ap.parse_args(argv)
     paths = ArtifactPaths(data_dir=Path(args.data_dir), raw_dir_override=Path(args.raw_dir) if args.raw_dir else None)
-    results = run_data_half(paths)
+    try:
+        results = run_data_half(paths)
+    except (ValueError, OSError, MemoryError) as exc:  # the stages' own errors: the cause, not a traceback
+        print(f"sentinel-data: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v.get("seconds") for k, v in results.items()}, indent=2))
     return 0
 

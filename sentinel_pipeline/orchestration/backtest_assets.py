@@ -36,6 +36,7 @@ from sentinel_pipeline.evaluation.backtest_stage import (
 from sentinel_pipeline.orchestration.bundle_checks import current_bundle
 from sentinel_pipeline.orchestration.data_assets import hdf5_splits, upstream_fingerprint
 from sentinel_pipeline.orchestration.metadata import image, md_table
+from sentinel_pipeline.orchestration.overview import verification_table
 from sentinel_pipeline.orchestration.replay_assets import (
     dagster_verification_refusal,
     previous_verified_bundle,
@@ -240,6 +241,7 @@ def variant_comparison(context: dg.AssetExecutionContext, settings: PipelineSett
     write_text_atomic(out / "variant_comparison.md", table + "\n")
     return dg.MaterializeResult(metadata={
         "comparison": dg.MetadataValue.md(table),
+        "verification": verification_table(paths.models_dir, VARIANTS),
         "n_current": sum(r["status"] == "current" for r in rows),
         "path": dg.MetadataValue.path(str(out / "variant_comparison.json")),
     })
