@@ -34,6 +34,8 @@ if [ "$job" = quick_pipeline ]; then
 else
   export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
 fi
+# Dagster's own preview/supersession warnings say nothing about the run; PYTHONWARNINGS=default shows them
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 mkdir -p "$DAGSTER_HOME"
 [ -f "$DAGSTER_HOME/dagster.yaml" ] || cp deploy/dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 status=0
