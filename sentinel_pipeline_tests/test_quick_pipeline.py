@@ -55,8 +55,9 @@ def test_quick_pipeline_verifies_replays_and_backtests_one_bundle(quick) -> None
     assert f"| {jobs.QUICK_VARIANT} | {bundles[0].name} | PASS | none |" in table
     assert "| seq_ctx_fusion | none | no bundle |" in table
     assert "synthetic" in (result.dagster_run.tags.get("sentinel/data") or "")
-    inline = mats[f"bundle_{jobs.QUICK_VARIANT}"]["loss_curve_inline"].value
-    assert inline.startswith("![") and len(inline) < 1000
+    for asset, key in (("bundle", "loss_curve_inline"), ("replay", "equity_inline"), ("backtest", "equity_inline")):
+        inline = mats[f"{asset}_{jobs.QUICK_VARIANT}"][key].value  # rendered inline by the UI (< 1000 chars)
+        assert inline.startswith("![") and "data:image/png;base64," in inline and len(inline) < 1000
 
 
 def test_no_metadata_float_has_more_than_4_significant_digits(quick) -> None:
