@@ -88,7 +88,7 @@ def failure_from(exc: BaseException, stage: str) -> dg.Failure:
 
 def _readable_result(value: Any) -> Any:
     """Round the metadata of a result the step returns or yields (other values unchanged)."""
-    if isinstance(value, dg.MaterializeResult | dg.ObserveResult | dg.AssetCheckResult | dg.Output):
+    if isinstance(value, dg.MaterializeResult | dg.ObserveResult | dg.AssetCheckResult):
         if getattr(value, "metadata", None):
             return value._replace(metadata=readable(value.metadata))
         return value
