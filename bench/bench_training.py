@@ -24,12 +24,15 @@ bars) sized so that the train split holds about ``--sizes`` rows (default 200k a
    is compared with the growth of the flat arrays and of the windows: the loader gathers windows per
    batch, so peak RSS should grow by about the flat arrays' growth, not L (= 30) times it.
 
-Torch threads: the engine default (all usable cores) unless ``--threads``. On a machine shared with
-other torch jobs the default oversubscribes the cores and OpenMP spin-waiting can slow a step 5-10x;
-``--threads 1`` gives steadier figures there. Timings on a shared machine are noisy.
+Torch threads: the engine default (``runtime.default_thread_count``) unless ``--threads``. A list
+(``--threads 1,2``) compares thread counts: every variant is trained once per count in this process
+and a table prints the last epoch's samples/s for each count side by side. On a machine shared with
+other torch jobs more threads than free cores oversubscribe them and OpenMP spin-waiting can slow a
+step many times over. Timings on a shared machine are noisy.
 
     python bench/bench_training.py                  # 200k / 800k train rows, 50k samples per epoch
     python bench/bench_training.py --quick          # 20k / 80k train rows, 5k samples per epoch
+    python bench/bench_training.py --quick --threads 1,2 --skip-memory   # 1 vs 2 threads per variant
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -234,6 +238,41 @@ def throughput(args: argparse.Namespace, paths: Any, workdir: Path) -> None:
                   f"{100 * rec['loader_share']:11.1f}% {rec['train_seconds']:8.1f} {rec['val_seconds']:6.1f} {tail}")
 
 
+def thread_counts(text: str) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]`` (each >= 1)."""
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected thread counts such as 1 or 1,2, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
+    return counts
+
+
+def compare_threads(args: argparse.Namespace, paths: Any, workdir: Path, counts: list[int]) -> None:
+    """Each variant trained once per thread count; last epoch's samples/s side by side."""
+    from sentinel_pipeline.training import runtime
+    from sentinel_pipeline.training.engine import train
+
+    device = runtime.select_device(args.device)
+    print(f"\nthreads: {args.train_samples:,} train samples per epoch, batch {args.batch_size}, shuffled, "
+          f"{args.epochs} epochs, device {device}; samples/s of the last epoch; usable CPUs "
+          f"{runtime.usable_cpu_count()}, engine default {runtime.default_thread_count()} thread(s), "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(f"  {'variant':16s} " + " ".join(f"{f'{n} thread(s)':>12s}" for n in counts)
+          + f" {f'{counts[-1]} vs {counts[0]}':>9s}")
+    for variant in args.variants:
+        rates = []
+        for n in counts:
+            args.threads = n
+            cfg = train_config(paths, workdir / "runs" / f"{variant}_t{n}", variant, args, args.epochs,
+                               args.train_samples)
+            rates.append(train(cfg, progress=False).history[-1]["throughput_samples_per_s"])
+        print(f"  {variant:16s} " + " ".join(f"{r:12,.0f}" for r in rates) + f" {rates[-1] / rates[0]:8.2f}x",
+              flush=True)
+    args.threads = None
+
+
 def memory(args: argparse.Namespace, datasets: list[tuple[Path, Any]], workdir: Path) -> None:
     base, _ = run_child(args, "baseline", workdir / "baseline.json")
     base_rss = base["peak_rss_bytes"]
@@ -278,8 +317,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: the engine's, every usable core); 1 is steadier on a shared machine")
+    ap.add_argument("--threads", type=thread_counts, default=None,
+                    help="torch threads (default: the engine's); a list such as 1,2 compares thread counts")
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--memory-variant", choices=VARIANTS, default="seq_ctx_fusion")
@@ -290,6 +329,8 @@ def main() -> None:
     ap.add_argument("--child-data", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    counts: list[int] = args.threads or []
+    args.threads = counts[0] if len(counts) == 1 else None
     if args.child:
         child_main(args)
         return
@@ -309,7 +350,10 @@ def main() -> None:
             print(f"dataset ~{rows:,} train rows: data half in {seconds:.1f} s -> train {sizes['train_rows']:,} rows / "
                   f"{sizes['train_samples']:,} samples, train+val {sizes['rows']:,} rows, seq {sizes['seq_features']} "
                   f"features x L {sizes['seq_len']}")
-        throughput(args, datasets[0][1], workdir)
+        if len(counts) > 1:
+            compare_threads(args, datasets[0][1], workdir, counts)
+        else:
+            throughput(args, datasets[0][1], workdir)
         if not args.skip_memory:
             memory(args, datasets, workdir)
     finally:

@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 . "${VENV:-.venv}/bin/activate"
 work="${GATE_WORKDIR:-$(mktemp -d)}"
 export DAGSTER_HOME="$work/dagster_home" SENTINEL_DATA_DIR="$work/data" SENTINEL_MODELS_DIR="$work/models"
+# the checks below read Dagster's per-event lines (STEP_START, ASSET_CHECK_EVALUATION): log at DEBUG
+export SENTINEL_LOG_LEVEL=DEBUG
 mkdir -p "$DAGSTER_HOME"
 cp deploy/dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 variant=seq_ctx_fusion

@@ -567,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DataHalfConfig(ingest=raw_bars.IngestConfig(source_timezone=args.source_timezone),
                              generate_default_when_empty=not args.no_synthetic_default)
         results = run_data_half(paths, cfg)
-    except (ValueError, RuntimeError) as exc:  # RawDataError, StageInputError, bad settings: the cause first
+    except (ValueError, RuntimeError, OSError, MemoryError) as exc:  # the stages' own errors: the cause first
         notes = "".join(f"\n  {n}" for n in getattr(exc, "__notes__", []))
-        print(f"error: {exc}{notes}", file=sys.stderr)
+        print(f"sentinel-data: error: {type(exc).__name__}: {exc}{notes}", file=sys.stderr)
         return 1
     print(json.dumps({k: v.get("seconds") for k, v in results.items()}, indent=2))
     return 0

@@ -4,6 +4,10 @@ Graph: raw_bars -> feature_contract/features -> labelled_dataset -> dataset_spli
 -> hdf5_splits -> arrow_cache -> bundle_<variant> (blocking check ``bundle_verified``) ->
 replay_<variant> (check ``train_serve_parity``) and backtest_<variant> (test split), for every variant of
 the model registry; variant_comparison tabulates the backtests.
+
+Every asset and check is passed through ``orchestration.presentation.present`` here, in one place:
+metadata rounded for reading, known errors shown as their one-line cause, and step priorities that
+verify, replay and backtest each bundle as soon as it exists (before the next variant trains).
 """
 
 import dagster as dg
@@ -12,7 +16,14 @@ from sentinel_pipeline.orchestration.backtest_assets import BACKTEST_ASSETS
 from sentinel_pipeline.orchestration.bundle_checks import BUNDLE_CHECKS, VerificationSettings
 from sentinel_pipeline.orchestration.data_assets import DATA_ASSETS, DataHalfSettings
 from sentinel_pipeline.orchestration.data_checks import DATA_CHECKS
-from sentinel_pipeline.orchestration.jobs import checks_only, ci_gate, full_pipeline, nightly_rebuild
+from sentinel_pipeline.orchestration.jobs import (
+    checks_only,
+    ci_gate,
+    full_pipeline,
+    nightly_rebuild,
+    quick_pipeline,
+)
+from sentinel_pipeline.orchestration.presentation import present
 from sentinel_pipeline.orchestration.replay_assets import REPLAY_ASSETS, REPLAY_CHECKS
 from sentinel_pipeline.orchestration.settings import PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import TRAINING_ASSETS
@@ -25,7 +36,7 @@ RESOURCES = {
     "pipes_client": dg.PipesSubprocessClient(),
 }
 
-ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS]
+ASSETS = [present(a) for a in (*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS)]
 
 # evaluates the replay assets' automation condition (eager, and only when every blocking check of their
 # dependencies passed): a newly verified bundle is replayed without anyone clicking; on by default
@@ -41,7 +52,8 @@ backtest_automation = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.assets(*BACKTEST_ASSETS),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-CHECKS = [*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS]
+CHECKS = [present(c) for c in (*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS)]
+JOBS = [full_pipeline, ci_gate, checks_only, quick_pipeline]
 
 # one process per run, not one per step: the multiprocess default spends ~6 s starting Python, Dagster
 # and torch for each of the 24 steps (measured: an unchanged nightly rebuild took 2 min 44 s, its
@@ -51,7 +63,7 @@ defs = dg.Definitions(
     executor=dg.in_process_executor,
     assets=ASSETS,
     asset_checks=CHECKS,
-    jobs=[full_pipeline, ci_gate, checks_only],
+    jobs=JOBS,
     schedules=[nightly_rebuild],
     sensors=[replay_automation, backtest_automation],
     resources=RESOURCES,

@@ -73,8 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             gates = load_gates(args.gates)
         except ValueError as exc:
             parser.error(f"--gates: {exc}")
-    report = verify_bundle(args.bundle_dir, args.expected_hash, val_h5=args.val_h5, gate_h5=args.gate_h5,
-                           gates=gates)
+    try:
+        report = verify_bundle(args.bundle_dir, args.expected_hash, val_h5=args.val_h5, gate_h5=args.gate_h5,
+                               gates=gates)
+    except (ValueError, OSError, MemoryError) as exc:  # could not run at all: the cause, not a traceback
+        print(f"sentinel-verify: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.write_record:
         write_verification_record(args.bundle_dir, report)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())

@@ -246,3 +246,21 @@ def test_loader_workers_do_not_change_the_result(data: TrainingData, tmp_path: P
     assert r2.metrics["settings"]["num_workers"] == 2
     _assert_same_weights(load_best(r0.best_checkpoint)["model_state_dict"],
                          load_best(r2.best_checkpoint)["model_state_dict"])
+
+
+def test_training_without_a_thread_count_uses_the_default_not_torchs(data: TrainingData, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``threads=None`` (the Pipes asset's default) pins torch to ``runtime.default_thread_count`` instead of
+    leaving torch's own default (every core), which oversubscribed busy machines 15-20x."""
+    from sentinel_pipeline.training import runtime
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runtime, "default_thread_count", lambda usable=None: 1)
+    try:
+        torch.set_num_threads(2)  # what torch would use on a 2-core machine
+        cfg = train_config(data, tmp_path / "run", model="mlp_two_head", limit_samples=LIMIT, epochs=1, threads=None)
+        train(cfg, progress=False)
+        assert torch.get_num_threads() == 1
+        assert "torch intra-op threads: 1 (default" in (tmp_path / "run" / "train_log.txt").read_text()
+    finally:
+        torch.set_num_threads(before)

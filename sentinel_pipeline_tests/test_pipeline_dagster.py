@@ -229,16 +229,41 @@ def test_full_graph_materialises_every_asset_passes_every_check_with_metadata(go
 
 
 def test_nightly_schedule_runs_the_full_pipeline_at_2_utc(good: Good) -> None:
-    """The nightly schedule is on by default and requests one full_pipeline run per tick."""
+    """The nightly schedule is off by default (SENTINEL_NIGHTLY=on where deployed) and requests one
+    full_pipeline run per tick."""
     schedule = good.home.defs().resolve_schedule_def("nightly_rebuild")
     assert (schedule.job_name, schedule.cron_schedule, schedule.execution_timezone) == (
         "full_pipeline",
         "0 2 * * *",
         "UTC",
     )
-    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     tick = schedule.evaluate_tick(dg.build_schedule_context(instance=good.instance))
     assert len(tick.run_requests or []) == 1
+
+
+def test_each_bundle_is_verified_replayed_and_backtested_before_the_next_variant_trains(good: Good) -> None:
+    """Step start order of the first run: train A, check A, replay/backtest A (and replay A's check), then
+    train B, ... (step priorities), not every variant trained before the first verification."""
+    order = [e.step_key for e in good.built.result.all_events if e.event_type_value == "STEP_START"]
+    trained = [k.removeprefix("bundle_") for k in order if k.startswith("bundle_") and k.count("bundle_verified") == 0]
+    assert sorted(trained) == sorted(VARIANTS)
+    for this, following in zip(trained, trained[1:], strict=False):
+        own = [f"bundle_{this}_{CHECK_NAME}", f"replay_{this}", f"backtest_{this}", f"replay_{this}_train_serve_parity"]
+        assert max(order.index(k) for k in own) < order.index(f"bundle_{following}"), order
+    assert order.index(f"bundle_{trained[0]}_{CHECK_NAME}") == order.index(f"bundle_{trained[0]}") + 1
+
+
+def test_metadata_of_the_full_run_is_rounded_for_reading(good: Good) -> None:
+    from sentinel_pipeline_tests.test_presentation import long_floats
+
+    result = good.built.result
+    found: list[str] = []
+    for e in result.get_asset_materialization_events():
+        found += long_floats(dict(e.materialization.metadata), f"{e.materialization.asset_key.to_user_string()}:")
+    for e in result.get_asset_check_evaluations():
+        found += long_floats(dict(e.metadata), f"{e.asset_key.to_user_string()}:{e.check_name}:")
+    assert found == []
 
 
 # -- 2. nightly rerun: reuse when nothing changed, rebuild when the raw data did --------------------

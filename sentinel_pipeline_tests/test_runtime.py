@@ -131,8 +131,8 @@ def test_configure_threads(monkeypatch):
         configure_threads(1)
         assert torch.get_num_threads() == 1
         assert all(os.environ[v] == "1" for v in runtime.THREAD_ENV_VARS)
-        configure_threads(None)
-        assert torch.get_num_threads() == usable_cpu_count()
+        assert configure_threads(None) == runtime.default_thread_count()
+        assert torch.get_num_threads() == runtime.default_thread_count()
         with pytest.raises(ValueError):
             configure_threads(0)
     finally:
@@ -152,3 +152,11 @@ def test_seed_everything_reproduces_all_generators():
             assert not torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_default_thread_count_is_half_the_usable_cpus_capped(monkeypatch):
+    """Oversubscribed OpenMP threads are catastrophic on a busy machine (2 threads on a 2-core machine
+    with one core busy: 3-8x slower than 1, bench/README.md), so the default keeps half the CPUs free."""
+    assert [runtime.default_thread_count(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
+    monkeypatch.setattr(runtime, "usable_cpu_count", lambda *a, **k: 2)  # e.g. a cgroup quota of 2 CPUs
+    assert runtime.default_thread_count() == 1

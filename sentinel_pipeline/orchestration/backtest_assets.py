@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 
 from sentinel_pipeline.atomic_io import write_json_atomic, write_text_atomic
 from sentinel_pipeline.data.feature_contract import read_contract
@@ -36,7 +37,8 @@ from sentinel_pipeline.evaluation.backtest_stage import (
 from sentinel_pipeline.locking import bundle_lock, exclusive_lock
 from sentinel_pipeline.orchestration.bundle_checks import current_bundle
 from sentinel_pipeline.orchestration.data_assets import hdf5_splits, upstream_fingerprint
-from sentinel_pipeline.orchestration.metadata import image, md_table
+from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
+from sentinel_pipeline.orchestration.overview import verification_table
 from sentinel_pipeline.orchestration.replay_assets import (
     dagster_verification_refusal,
     previous_verified_bundle,
@@ -147,6 +149,10 @@ def backtest_metadata(report: dict[str, Any], out: Path, variant: str) -> dict[s
     md["metrics"] = md_table([{"metric": k, "value": "" if m.get(k) is None else _num(m.get(k))} for k in keys])
     if report.get("notes"):
         md["notes"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in report["notes"]))
+    if (out / "daily.parquet").is_file():  # a small inline chart; the full plot is behind "Show Markdown"
+        daily = pd.read_parquet(out / "daily.parquet", columns=["equity", "random_q50"])
+        md["equity_inline"] = sparkline({"model": daily["equity"].tolist(), "random median": daily["random_q50"].tolist()},
+                                        f"{variant}: test-period equity")
     md["equity_drawdown"] = image(out / PLOT_NAME, f"{variant}: test-period backtest")
     md["backtest_report"] = dg.MetadataValue.path(str(out / REPORT_NAME))
     md["path"] = dg.MetadataValue.path(str(out))
@@ -246,6 +252,7 @@ def variant_comparison(context: dg.AssetExecutionContext, settings: PipelineSett
     write_text_atomic(out / "variant_comparison.md", table + "\n")
     return dg.MaterializeResult(metadata={
         "comparison": dg.MetadataValue.md(table),
+        "verification": verification_table(paths.models_dir, VARIANTS),
         "n_current": sum(r["status"] == "current" for r in rows),
         "path": dg.MetadataValue.path(str(out / "variant_comparison.json")),
     })

@@ -27,7 +27,7 @@ from sentinel_pipeline.orchestration.bundle_checks import (
     latest_bundle_materialization,
 )
 from sentinel_pipeline.orchestration.data_assets import raw_bars
-from sentinel_pipeline.orchestration.metadata import image, md_table
+from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.replay import ReplayConfig, feature_parity, replay_comparison, write_replay_outputs
@@ -149,6 +149,9 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
             "sharpe": m.get("sharpe"),
             "rank_ic": m.get("rank_ic"),
             "comparison": md_table(table.to_dict(orient="records")),
+            "equity_inline": sparkline({"current": comparison.current.equity_curve.tolist(),
+                                        "random baseline": comparison.current.baseline_equity_curve.tolist()},
+                                       f"{variant}: replay equity"),
             "equity_curves": image(files["equity_curves"], f"{variant}: replay equity curves"),
             "replay_report": dg.MetadataValue.path(str(bundle / "replay_report.json")),
             "window": f"{comparison.current.info.get('window_start')} .. {comparison.current.info.get('window_end')}",

@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from sentinel_pipeline.orchestration.data_assets import arrow_cache, upstream_fingerprint
-from sentinel_pipeline.orchestration.metadata import image, md_table
+from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.pipes_training import summarise
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.stage_cache import fingerprint
@@ -61,6 +61,15 @@ class TrainingRunConfig(dg.Config):
     shuffle: bool = PIPELINE_TRAINING["shuffle"]
 
 
+
+
+def _history(bundle: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of the bundle's training run (``metrics.json``); [] when unreadable."""
+    try:
+        history = json.loads((bundle / "metrics.json").read_text(encoding="utf-8")).get("history") or []
+    except (OSError, ValueError):
+        return []
+    return [h for h in history if isinstance(h, dict)]
 
 
 def bundle_asset_key(variant: str) -> dg.AssetKey:
@@ -128,6 +137,11 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
             "dataset": md_table([{"split": k, **v} for k, v in json.loads(str(raw.get("dataset_json", "{}"))).items()]),
             "input_fingerprint": fp[:16],
         })
+        history = _history(bundle)
+        if history:  # inline in the UI (a small chart); the full plot below opens with "Show Markdown"
+            metadata["loss_curve_inline"] = sparkline(
+                {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}, f"{variant} loss by epoch"
+            )
         curve = bundle / "loss_curve.png"
         if curve.exists():
             metadata["loss_curve"] = image(curve, f"{variant} loss curves")

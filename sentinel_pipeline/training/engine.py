@@ -740,8 +740,11 @@ def _train(
     config: TrainConfig, out_dir: Path, progress: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None,
     resuming: bool,
 ) -> TrainResult:
-    if config.threads is not None:
-        runtime.configure_threads(config.threads)
+    # every training path (CLI, Pipes, tests) pins its thread count; None: runtime.default_thread_count
+    n_threads = runtime.configure_threads(config.threads)
+    log.info("torch intra-op threads: %d (%s; %d usable CPUs)", n_threads,
+             "configured" if config.threads is not None else "default: half the usable CPUs",
+             runtime.usable_cpu_count())
     try:
         spec = get_variant(config.model)
         device = runtime.select_device(config.device)

@@ -1,7 +1,8 @@
 """Runtime helpers for training: threads, memory limits, device choice and seeding.
 
-- :func:`configure_threads` pins OpenMP/MKL/torch to a thread count (the CLI calls it before any
-  heavy torch work; ``None`` means "the CPUs this process may actually use", cgroup quota included).
+- :func:`configure_threads` pins OpenMP/MKL/torch to a thread count (every training path calls it
+  before any heavy torch work; ``None`` means :func:`default_thread_count`: half the CPUs this
+  process may actually use, cgroup quota included).
 - :func:`cgroup_memory_limit_bytes` / :func:`available_memory_bytes` read the container's memory
   limit (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, following this process's own
   cgroup from ``/proc/self/cgroup`` and taking the tightest limit up the hierarchy).
@@ -148,18 +149,42 @@ def usable_cpu_count(
     return max(1, n)
 
 
-def configure_threads(n_threads: int | None) -> None:
-    """Use ``n_threads`` intra-op threads (None: :func:`usable_cpu_count`).
+# the default never exceeds this: the variants' matrices are small, and past a few threads OpenMP's
+# synchronisation costs more than the extra cores give
+MAX_DEFAULT_THREADS = 8
+
+
+def default_thread_count(usable: int | None = None) -> int:
+    """Intra-op threads a training process uses when none are configured: half the usable CPUs
+    (cgroup quota and affinity included, :func:`usable_cpu_count`), at least 1, at most
+    :data:`MAX_DEFAULT_THREADS`.
+
+    Why half: a training process never has the machine to itself (the Dagster run process that
+    launched it, the data loader, other jobs), and a thread count above the cores that are actually
+    free is catastrophic for OpenMP (threads spin-wait for a core that is busy elsewhere: on a busy
+    2-core machine 2 threads trained ``seq_ctx_fusion`` 15-20x slower than 1), while a count below
+    them costs at most the unused share (1 vs 2 threads on a quiet 2-core machine: see
+    bench/README.md). The rule depends on the CPUs granted, not on the momentary load, so that a
+    resumed run uses the same thread count as the run it continues (results are bit-identical only
+    at equal thread counts).
+    """
+    n = usable_cpu_count() if usable is None else int(usable)
+    return max(1, min(MAX_DEFAULT_THREADS, n // 2))
+
+
+def configure_threads(n_threads: int | None) -> int:
+    """Use ``n_threads`` intra-op threads (None: :func:`default_thread_count`); returns the count.
 
     Sets ``OMP/MKL/OPENBLAS_NUM_THREADS`` (inherited by worker processes started later) and
     ``torch.set_num_threads`` for this process.
     """
-    n = usable_cpu_count() if n_threads is None else int(n_threads)
+    n = default_thread_count() if n_threads is None else int(n_threads)
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n_threads}")
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(n)
     torch.set_num_threads(n)
+    return n
 
 
 def select_device(pref: str = "auto") -> torch.device:
