@@ -444,10 +444,12 @@ def check_signature(bundle_dir: str | Path, trusted_keys: str | os.PathLike[str]
     return verify_manifest_signature(bundle_dir, trusted_keys)[1]
 
 
-def trusted_bundle_problems(bundle_dir: str | Path, trusted_keys: str | os.PathLike[str] | None = None) -> list[str]:
-    """Signature (first, before anything else is read), entry rule, manifest, records: every problem
-    found, in that order; stops after a signature failure. An empty list: the bundle is intact and
-    signed by a trusted key."""
+def trusted_bundle_problems(
+    bundle_dir: str | Path, trusted_keys: str | os.PathLike[str] | None = None, *, records: bool = True
+) -> list[str]:
+    """Signature (first, before anything else is read), entry rule, manifest and (with ``records``)
+    the records area: every problem found, in that order; stops after a signature failure. An empty
+    list: the bundle is intact and signed by a trusted key."""
     try:
         check_signature(bundle_dir, trusted_keys)
     except (OSError, SignatureError) as exc:
@@ -455,7 +457,7 @@ def trusted_bundle_problems(bundle_dir: str | Path, trusted_keys: str | os.PathL
     problems = entry_problems(bundle_dir)
     if problems:
         return problems
-    return check_manifest(bundle_dir) + check_records(bundle_dir)
+    return check_manifest(bundle_dir) + (check_records(bundle_dir) if records else [])
 
 
 def load_bundle(
@@ -611,13 +613,18 @@ def write_record(bundle_dir: str | Path, name: str, data: bytes) -> Path:
     if os.path.lexists(area) and not stat.S_ISDIR(os.lstat(area).st_mode):
         raise BundleError(f"{area}: not a directory")
     area.mkdir(exist_ok=True)
-    files: dict[str, Any] = {}
+    files: dict[str, Any] | None = None
     try:
         old = _records_manifest(bundle_dir)
         if old.get("bundle_manifest_sha256") == digest:
             files = dict(old["files"])
     except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError):
+        files = None
+    if files is None:  # records of another (or no) manifest: stale, dropped
         files = {}
+        for stale in RECORD_FILES:
+            if stale != name and os.path.lexists(area / stale):
+                (area / stale).unlink()
     with atomic_path(area / name) as tmp:
         Path(tmp).write_bytes(data)
     files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}

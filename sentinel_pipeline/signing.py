@@ -318,7 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             problems = entry_problems(args.bundle_dir, require_signature=False) + check_manifest(args.bundle_dir)
             if problems:
-                print(f"refusing to sign {args.bundle_dir}: " + "; ".join(problems), file=sys.stderr)
+                hint = ""
+                if any(n in p for p in problems for n in ("verification.json", "replay_report.json",
+                                                           "replay_equity.png", "replay_")):
+                    hint = (" (verification and replay records of the former layout sit at the top level of "
+                            "old bundles: they are stale; delete them, sign, then verify again)")
+                print(f"refusing to sign {args.bundle_dir}: " + "; ".join(problems) + hint, file=sys.stderr)
                 return 1
             key = load_signing_key(args.key, trusted_dir=args.trusted_keys)
             print(f"signed {sign_manifest(args.bundle_dir, key)} with key {key_id(key.public_key())}")

@@ -1,56 +1,72 @@
 """Bundle verification: the gate that decides whether a trained model bundle may be trusted.
 
-:func:`verify_bundle` runs eight checks, in order, on a bundle directory written by
+:func:`verify_bundle` runs ten checks, in order, on a bundle directory written by
 ``bundles.write_bundle`` and returns a :class:`VerificationReport`. It never raises for a bad
 bundle: a missing file, a JSON that does not parse or an exception while loading becomes a failed
 check with the reason. A check that needs an earlier one that failed is reported as failed with
-``skipped: needs <check>`` (:data:`CHECK_NEEDS`: ``manifest`` needs ``files_present``,
-``contract_hash`` needs ``manifest``, ``metadata_agrees`` and ``scalers_load`` need ``contract_hash``,
-``model_loads`` and ``metrics_sane`` need ``metadata_agrees`` (the checkpoint it loaded), and
-``quality_gates`` needs ``model_loads``).
+``skipped: needs <check>`` (:data:`CHECK_NEEDS`: ``manifest`` needs ``signature`` and
+``files_present``, ``contract_hash`` needs ``manifest``, ``metadata_agrees`` and ``scalers_load``
+need ``contract_hash``, ``model_loads`` and ``metrics_sane`` need ``metadata_agrees`` (the
+checkpoint it loaded), ``metrics_reproduced`` needs ``model_loads`` and ``metrics_sane``, and
+``quality_gates`` needs ``model_loads``). No file's contents are read before ``signature`` passed,
+and nothing is ever unpickled: the scalers come from ``scalers.json``, the checkpoint from
+``torch.load(weights_only=True)``.
 
-===================  =================================================================================
-check                passes when
-===================  =================================================================================
-``files_present``    every file of ``bundles.BUNDLE_FILES`` and ``manifest.json`` exists and nothing
-                     else is in the directory except the post-release records of
-                     :data:`POST_RELEASE_FILES` (written after release, never in the manifest)
-``manifest``         ``bundles.check_manifest`` finds every file with its recorded sha256 and size
-                     (post-release records are exempt). Nothing is
-                     unpickled (joblib, torch) before this check has passed.
-``contract_hash``    ``feature_contract_hash.txt`` == the hash recomputed from ``feature_contract.json``
-                     == ``expected_hash``, and ``feature_schema.txt`` lists the contract's names in order
-``metadata_agrees``  ``bundle_metadata.json`` agrees with the contract (``supports_context_features``
-                     == context on and the variant reads a non-empty ctx group, as ``write_bundle``
-                     defines it; ``ctx_cat_dim``, ``ctx_cont_dim``, cardinalities, contract hash,
-                     ``input_dim``, heads), ``model_variant`` is a known variant, ``seq_len`` equals the
-                     checkpoint's and is at most the contract's (training may use shorter windows),
-                     the checkpoint (``torch.load(weights_only=True)``) has exactly the expected keys and
-                     its architecture is the one ``models.resolve_arch`` derives from the contract, and
-                     ``train_config.json`` names the same variant, architecture and contract
-``model_loads``      the checkpoint's architecture is built and its state dict loads with
-                     ``strict=True``; a forward pass on the first (up to) :data:`FORWARD_SAMPLES`
-                     validation samples (``val_h5``, read with the training loader) gives finite outputs
-                     of every head's shape ((B,) regression, (B, 3) classification). Without ``val_h5``
-                     the ``val_h5`` recorded in the bundle's ``train_config.json`` is used when that file
-                     still exists; otherwise the check fails and says so.
-``scalers_load``     both scalers load (``data.scalers.load_scalers``: the bundle's contract, hash and
-                     dims) with ``n_features_in_`` == the contract's seq / snap widths, and scaling a row
-                     of zeros gives finite values
-``metrics_sane``     ``metrics.json`` has no NaN/Inf anywhere (recursively), describes this model
-                     (variant, contract hash, best epoch and best val loss equal the checkpoint's), the
-                     best validation loss of the history is lower than the untrained model's
-                     (``initial_val_loss``, evaluated before epoch 1; bundles without it: lower than
-                     the first epoch's), and the train and val sample eligibility is consistent with
-                     its counts (``0 < samples <= rows``, rate = samples / rows). No upper bound below
-                     1: years of clean bars legitimately give rates above 0.99 (the old ceiling of 0.99
-                     failed every long crypto series for that reason alone).
-``quality_gates``    the statistical skill gates of :mod:`~sentinel_pipeline.evaluation.skill_gates`,
-                     scored by a forward pass over the **gate split** (``gate_h5``; default: the
-                     ``test.h5`` beside the validation split), which neither training nor checkpoint
-                     selection ever read. Needs only ``model_loads``, so the evidence is recorded even for
-                     a bundle that fails an earlier bookkeeping check.
-===================  =================================================================================
+======================  ==============================================================================
+check                   passes when
+======================  ==============================================================================
+``signature``           ``manifest.sig`` is a valid ed25519 signature of ``manifest.json``'s bytes by a
+                        key in the trusted-keys directory (``signing.trusted_keys_dir``, outside the
+                        bundle). Unsigned bundles (written before signing) fail with how to re-sign
+                        or retrain.
+``files_present``       ``bundles.entry_problems``: exactly ``bundles.REQUIRED_FILES``, each a regular
+                        file (``lstat``: no symlinks, FIFOs, directories), plus optionally ``records/``
+                        holding only known records; names and types only, nothing is read
+``manifest``            ``bundles.check_manifest`` finds every file with its recorded sha256 and size
+                        (files opened with ``O_NOFOLLOW``), and the records match their own manifest,
+                        which belongs to this bundle manifest
+``contract_hash``       ``feature_contract_hash.txt`` == the hash recomputed from ``feature_contract.json``
+                        == ``expected_hash``, and ``feature_schema.txt`` lists the contract's names in order
+``metadata_agrees``     ``bundle_metadata.json`` agrees with the contract (``supports_context_features``
+                        == context on and the variant reads a non-empty ctx group, as ``write_bundle``
+                        defines it; ``ctx_cat_dim``, ``ctx_cont_dim``, cardinalities, contract hash,
+                        ``input_dim``, heads), ``model_variant`` is a known variant, ``seq_len`` equals the
+                        checkpoint's and is at most the contract's (training may use shorter windows),
+                        the checkpoint (``torch.load(weights_only=True)``) has exactly the expected keys and
+                        its architecture is the one ``models.resolve_arch`` derives from the contract, and
+                        ``train_config.json`` names the same variant, architecture and contract
+``model_loads``         the checkpoint's architecture is built and its state dict loads with
+                        ``strict=True``; a forward pass on the first (up to) :data:`FORWARD_SAMPLES`
+                        validation samples (``val_h5``, read with the training loader) gives finite outputs
+                        of every head's shape ((B,) regression, (B, 3) classification). Without ``val_h5``
+                        the ``val_h5`` recorded in the bundle's ``train_config.json`` is used when that file
+                        still exists; otherwise the check fails and says so.
+``scalers_load``        both scalers are rebuilt from ``scalers.json`` (plain JSON; the joblib copies
+                        are never unpickled) for the bundle's contract, scaling a row of zeros is finite,
+                        the bundle's scaler files are the data half's recorded at bundle time
+                        (``bundle_metadata.json`` ``data_half_scalers``) and, with ``scalers_dir`` (the
+                        pipeline's), their parameters equal the data half's of today, which scaled the
+                        splits verification reads
+``metrics_sane``        ``metrics.json`` has no NaN/Inf anywhere (recursively), describes this model
+                        (variant, contract hash, best epoch and best val loss equal the checkpoint's), the
+                        best validation loss of the history is lower than the untrained model's
+                        (``initial_val_loss``, evaluated before epoch 1; bundles without it: lower than
+                        the first epoch's), and the train and val sample eligibility is consistent with
+                        its counts (``0 < samples <= rows``, rate = samples / rows). No upper bound below
+                        1: years of clean bars legitimately give rates above 0.99 (the old ceiling of 0.99
+                        failed every long crypto series for that reason alone).
+``metrics_reproduced``  a forward pass over the whole validation split (what ``final_val`` describes;
+                        ``limit_samples`` of the run applied) reproduces ``metrics.json``: the sample
+                        count exactly; the best checkpoint's validation loss and, per head, ``mse``,
+                        ``ic``, ``rank_ic`` (regression) or ``accuracy``, ``macro_f1`` (classification)
+                        within relative :data:`METRICS_RTOL` (1e-4; :data:`METRICS_RTOL_AMP` for bf16
+                        runs). Edited metrics or rewritten weights fail here.
+``quality_gates``       the statistical skill gates of :mod:`~sentinel_pipeline.evaluation.skill_gates`,
+                        scored by a forward pass over the **gate split** (``gate_h5``; default: the
+                        ``test.h5`` beside the validation split), which neither training nor checkpoint
+                        selection ever read. Needs only ``model_loads``, so the evidence is recorded even for
+                        a bundle that fails an earlier bookkeeping check.
+======================  ==============================================================================
 
 Quality gates (defaults :data:`DEFAULT_GATES`; override per variant with a ``gates`` mapping or a
 JSON/YAML file ``{variant: {field: value}}``, see :func:`load_gates`; a field set to ``null`` switches
@@ -73,10 +89,13 @@ a failure that says so, never a pass.
   shifted in time by a common offset of at least the label horizon, up to 200 offsets). The
   majority-class baseline of ``metrics.json`` stays as information only.
 
-Verification records: :func:`write_verification_record` writes ``verification.json`` (atomically)
-into the bundle; :func:`require_verified` (used by replay) refuses a bundle unless that record
-passed, the bundle's ``manifest.json`` is byte-for-byte the one that was verified, and the manifest
-still checks out, so a bundle changed after verification is refused too.
+Verification records: :func:`write_verification_record` writes ``records/verification.json`` into the
+bundle (``bundles.write_record``: the records' own manifest, never the signed one). Records are
+information: anyone who can write ``models/`` can rewrite them. :func:`require_verified` (replay, the
+backtest) always checks the signature, the files and the manifest; with ``verified_manifest_sha256``
+(the Dagster path passes the digest its event log recorded for the passing ``bundle_verified``
+evaluation) the current manifest must have exactly that digest; without it (plain Python), the record
+must have passed on the current manifest.
 """
 
 from __future__ import annotations
@@ -775,7 +794,11 @@ def _check_metrics_reproduced(ctx: _Context) -> str:
     if limit is not None:
         split = dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, int(limit))))
     arch = ctx.checkpoint["arch"]
-    batcher = WindowBatcher(split, seq_len=int(arch["seq_len"]), batch_size=1024)
+    # the training run's validation batch size: a class-weighted loss averages per batch (by the sum of
+    # the batch's weights), so the mean validation loss depends on how the split was batched
+    eval_batch = (metrics.get("settings") or {}).get("eval_batch_size")
+    batch_size = int(eval_batch) if isinstance(eval_batch, int) and eval_batch > 0 else 1024
+    batcher = WindowBatcher(split, seq_len=int(arch["seq_len"]), batch_size=batch_size)
     baselines = metrics.get("baselines") or {}
     weights = None
     if spec.uses_class_weights:
@@ -1009,16 +1032,19 @@ def require_verified(
     gates; where that matters, pass the digest from a record you keep elsewhere.
     """
     bundle_dir = Path(bundle_dir)
-    problems = trusted_bundle_problems(bundle_dir, trusted_keys)
+    problems = trusted_bundle_problems(bundle_dir, trusted_keys, records=False)
     if problems:
         raise BundleNotVerifiedError(f"{bundle_dir}: bundle refused: " + "; ".join(problems))
     digest = manifest_sha256(bundle_dir)
+    if verified_manifest_sha256 is not None and digest != verified_manifest_sha256:
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: {MANIFEST_NAME} (sha256 {digest}) is not the manifest that passed verification "
+            f"(sha256 {verified_manifest_sha256}, from the Dagster event log): the bundle changed since"
+        )
+    problems = check_records(bundle_dir)  # the same unexpected-file rule for the records area
+    if problems:
+        raise BundleNotVerifiedError(f"{bundle_dir}: bundle refused: " + "; ".join(problems))
     if verified_manifest_sha256 is not None:
-        if digest != verified_manifest_sha256:
-            raise BundleNotVerifiedError(
-                f"{bundle_dir}: {MANIFEST_NAME} (sha256 {digest}) is not the manifest that passed verification "
-                f"(sha256 {verified_manifest_sha256}, from the Dagster event log): the bundle changed since"
-            )
         return {"manifest_digest": digest, "source": "verified manifest digest"}
     try:
         record = json.loads(read_record(bundle_dir, RECORD_NAME))

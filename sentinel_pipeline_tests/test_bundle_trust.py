@@ -115,6 +115,28 @@ def test_good_bundle_is_signed_and_verifies(bundle: Path, data: TrainingData) ->
     assert "same parameters as" in report.check("scalers_load").detail
 
 
+def test_metrics_of_a_class_weighted_classifier_are_reproduced(
+    data: TrainingData, tmp_path: Path
+) -> None:
+    """The focal loss averages by the batch's class weights, so the validation loss depends on the
+    batching: verification batches the split as training did (``settings.eval_batch_size``)."""
+    config = train_config(data, tmp_path / "tbm", model="transformer_tbm", epochs=2, batch_size=64,
+                          models_dir=tmp_path / "models")
+    result = train(config, progress=False)
+    assert json.loads((result.bundle_dir / "metrics.json").read_text())["settings"]["eval_batch_size"] == 256
+    report = _verify(result.bundle_dir, data)
+    assert report.check("metrics_reproduced").passed, report.check("metrics_reproduced").detail
+    # batched otherwise, the same model gives another mean loss: the recorded batching is what counts
+    bundle = result.bundle_dir
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    metrics["settings"]["eval_batch_size"] = 7
+    (bundle / "metrics.json").write_text(json.dumps(metrics))
+    rewrite_manifest(bundle)
+    resign(bundle)
+    detail = _verify(bundle, data).check("metrics_reproduced").detail
+    assert "validation loss" in detail and "accuracy" not in detail, detail
+
+
 def test_signing_key_is_generated_on_first_use_private_and_trusted(tmp_path: Path) -> None:
     key_path, trusted = tmp_path / "keys" / "signing_key.pem", tmp_path / "trusted"
     key = signing.load_signing_key(key_path, trusted_dir=trusted)
