@@ -602,7 +602,9 @@ def check_records(bundle_dir: str | Path) -> list[str]:
 
 def write_record(bundle_dir: str | Path, name: str, data: bytes) -> Path:
     """Write the record ``name`` (one of :data:`RECORD_FILES`) into ``records/`` and update the records
-    manifest (each file atomically). Records of an earlier manifest of this directory are dropped."""
+    manifest (each file atomically). Records listed for another bundle manifest are not carried over:
+    left on disk unlisted, they make :func:`check_records` refuse the area (a bundle whose manifest
+    changed is a tampered one)."""
     if name not in RECORD_FILES:
         raise BundleError(f"{name!r} is not a record name ({list(RECORD_FILES)})")
     bundle_dir = Path(bundle_dir)
@@ -620,11 +622,8 @@ def write_record(bundle_dir: str | Path, name: str, data: bytes) -> Path:
             files = dict(old["files"])
     except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError):
         files = None
-    if files is None:  # records of another (or no) manifest: stale, dropped
+    if files is None:  # records of another (or no) bundle manifest are not carried over (left unlisted)
         files = {}
-        for stale in RECORD_FILES:
-            if stale != name and os.path.lexists(area / stale):
-                (area / stale).unlink()
     with atomic_path(area / name) as tmp:
         Path(tmp).write_bytes(data)
     files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}

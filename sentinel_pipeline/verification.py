@@ -133,6 +133,7 @@ from sentinel_pipeline.bundles import (
     trusted_bundle_problems,
     write_record,
 )
+from sentinel_pipeline.bundles import SCALER_FILES as BUNDLE_SCALER_FILES
 from sentinel_pipeline.data.feature_contract import (
     FEATURE_GROUPS,
     FeatureContract,
@@ -669,9 +670,12 @@ def _check_scalers_load(ctx: _Context) -> str:
     meta = _read_json_object(ctx.file(METADATA_NAME))
     recorded = (meta.get(DATA_HALF_SCALERS_KEY) or {}).get("sha256")
     if isinstance(recorded, dict):
+        if sorted(recorded) != sorted(BUNDLE_SCALER_FILES):
+            raise CheckFailed(f"{METADATA_NAME} {DATA_HALF_SCALERS_KEY} lists {sorted(recorded)}, "
+                              f"not the scaler files {list(BUNDLE_SCALER_FILES)}")
         mismatched = [n for n, d in recorded.items() if sha256_file(ctx.file(n)) != d]
-        if mismatched or INFO_FILE not in recorded:
-            raise CheckFailed(f"{METADATA_NAME} {DATA_HALF_SCALERS_KEY}: the bundle's {mismatched or INFO_FILE} "
+        if mismatched:
+            raise CheckFailed(f"{METADATA_NAME} {DATA_HALF_SCALERS_KEY}: the bundle's {mismatched} "
                               "differ from the data half's scaler files recorded when the bundle was written")
         detail += f"; equal to the data half's recorded at bundle time ({INFO_FILE} {recorded[INFO_FILE][:12]})"
     else:

@@ -296,12 +296,12 @@ def test_malicious_pickles_through_the_cli_and_the_backtest(
     marker = tmp_path / "pwned"
     for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
         (bundle / name).write_bytes(malicious_pickle(marker))
-    for name in RECORD_FILES:
-        write_record(bundle, name, malicious_pickle(marker))
     meta = json.loads((bundle / "bundle_metadata.json").read_text())
     meta["data_half_scalers"]["sha256"] = {n: sha256_file(bundle / n) for n in meta["data_half_scalers"]["sha256"]}
     (bundle / "bundle_metadata.json").write_text(json.dumps(meta))
     rewrite_manifest(bundle)
+    for name in RECORD_FILES:  # listed in a records manifest bound to the rewritten bundle manifest
+        write_record(bundle, name, malicious_pickle(marker))
 
     def cli() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -318,8 +318,8 @@ def test_malicious_pickles_through_the_cli_and_the_backtest(
     assert "signature" not in json.loads(proc.stdout)["failed_checks"]
     assert not marker.exists()
     report = _verify(bundle, data)
-    with pytest.raises((ValueError, OSError)):  # the planted verification record is not JSON
-        require_verified(bundle)
+    with pytest.raises(BundleNotVerifiedError, match="unreadable verification record"):
+        require_verified(bundle)  # the planted record is listed, but it is not JSON (and never unpickled)
     if report.passed:  # with a genuine record: the backtest loads the bundle (never the joblib files)
         write_verification_record(bundle, report)
         try:
