@@ -19,12 +19,27 @@ second). It holds :data:`BUNDLE_FILES`:
 ``loss_curve.png``          train vs val loss per head
 ``train_log.txt``           the run's log
 ``manifest.json``           sha256 and size of every other file
+``manifest.sig``            ed25519 signature of ``manifest.json`` by the training side's key
+                            (:mod:`sentinel_pipeline.signing`)
+``records/``                (optional, added after release) verification and replay records, with
+                            their own ``records/manifest.json``; see :func:`write_record`
 =========================== ===============================================================
 
 Writing is atomic: the bundle is assembled in a hidden temp directory next to its final place and
 renamed into place at the end (``atomic_io.atomic_dir``), so a crash never leaves anything that looks
-like a bundle. Loading (:func:`load_bundle`) first checks the manifest (:func:`check_manifest`) and
-only then unpickles anything: a bundle with one changed byte is refused before joblib runs.
+like a bundle. Reading (:func:`load_bundle`, and verification) goes in this order: the signature of
+``manifest.json`` against the trusted public keys (nothing else is read before it holds); the entry
+rule (:func:`entry_problems`: exactly the bundle files, regular files only, no symlinks, nothing
+unexpected, and a ``records/`` directory holding only known records); every file's sha256 against
+the manifest (:func:`check_manifest`); then the contents. Nothing is unpickled on the way: the
+scalers are rebuilt from ``scalers.json`` and the checkpoint is read with
+``torch.load(weights_only=True)``; the joblib copies of the scalers are for users only.
+
+Records (``verification.json``, ``replay_report.json``, ``replay_equity.png``) change after the
+bundle is released, so they cannot be in the signed manifest. They live in ``records/`` with their
+own manifest, which names the sha256 of the bundle manifest they belong to; an unlisted, changed or
+symlinked record, or a record set of another bundle, is refused. Records are information, not trust:
+replay and the backtest in Dagster trust the manifest digest in Dagster's event log.
 """
 
 from __future__ import annotations
@@ -32,9 +47,11 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,7 +63,7 @@ import torch
 from torch import nn
 
 from sentinel_pipeline import __version__
-from sentinel_pipeline.atomic_io import atomic_dir, write_json_atomic, write_text_atomic
+from sentinel_pipeline.atomic_io import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
 from sentinel_pipeline.data.feature_contract import (
     FEATURE_GROUPS,
     ContractError,
@@ -55,21 +72,27 @@ from sentinel_pipeline.data.feature_contract import (
     read_feature_schema,
 )
 from sentinel_pipeline.data.scalers import FittedScalers, load_scalers
+from sentinel_pipeline.signing import (
+    MAX_SMALL_FILE,
+    SIGNATURE_NAME,
+    SignatureError,
+    UnsafeFileError,
+    load_signing_key,
+    read_regular,
+    sha256_regular,
+    sign_manifest,
+    verify_manifest_signature,
+)
 from sentinel_pipeline.training.checkpoints import BEST_NAME, CheckpointError, load_best
 from sentinel_pipeline.training.models import build_model, get_variant
 
 MANIFEST_NAME = "manifest.json"
 METADATA_NAME = "bundle_metadata.json"
 HASH_NAME = "feature_contract_hash.txt"
-# records written next to a released bundle afterwards (verification, replay); never in the manifest,
-# never loaded as part of the model, and allowed to appear without invalidating the bundle
-POST_RELEASE_FILES: tuple[str, ...] = (
-    "verification.json",
-    "replay_report.json",
-    "replay_equity.png",
-    "replay_trades.parquet",
-    "replay_comparison.json",
-)
+# records written after release (verification, replay): in RECORDS_DIR with their own manifest, never
+# in the signed manifest and never loaded as part of the model
+RECORDS_DIR = "records"
+RECORD_FILES: tuple[str, ...] = ("verification.json", "replay_report.json", "replay_equity.png")
 RUN_FILES: tuple[str, ...] = (BEST_NAME, "metrics.json", "loss_curve.png", "train_log.txt", "train_config.json")
 SCALER_FILES: tuple[str, ...] = ("seq_scaler.joblib", "snap_scaler.joblib", "scalers.json")
 BUNDLE_FILES: tuple[str, ...] = (
@@ -80,6 +103,8 @@ BUNDLE_FILES: tuple[str, ...] = (
     "feature_schema.txt",
     METADATA_NAME,
 )
+REQUIRED_FILES: tuple[str, ...] = (*BUNDLE_FILES, MANIFEST_NAME, SIGNATURE_NAME)
+DATA_HALF_SCALERS_KEY = "data_half_scalers"  # bundle_metadata.json: sha256 of the data half's scaler files
 LIBRARIES: tuple[str, ...] = ("torch", "numpy", "pandas", "scikit-learn", "dagster", "h5py", "pyarrow", "joblib")
 NAME_RE = re.compile(r"^(?P<variant>[A-Za-z0-9_]+?)__(?P<ts>\d{8}T\d{6}Z)__(?P<hash>[0-9a-f]+)(?:__(?P<n>\d+))?$")
 _CHUNK = 1 << 20
@@ -111,11 +136,16 @@ class LoadedBundle:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a regular file; a symlink or a non-regular file raises ``UnsafeFileError``."""
+    return sha256_regular(path, _CHUNK)[0]
+
+
+def manifest_sha256(bundle_dir: str | Path) -> str | None:
+    """sha256 of the bundle's ``manifest.json`` bytes (the bundle's identity); None when unreadable."""
+    try:
+        return hashlib.sha256(read_regular(Path(bundle_dir) / MANIFEST_NAME, MAX_SMALL_FILE)).hexdigest()
+    except (OSError, UnsafeFileError):
+        return None
 
 
 def library_versions() -> dict[str, str | None]:
@@ -150,8 +180,8 @@ def code_version() -> dict[str, str | None]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        obj = json.loads(read_regular(path, MAX_SMALL_FILE))
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path}: cannot read JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise BundleError(f"{path}: expected a JSON object")
@@ -196,8 +226,14 @@ def write_bundle(
     label_params: Mapping[str, Any],
     data_windows: Mapping[str, Any],
     extra_metadata: Mapping[str, Any] | None = None,
+    signing_key: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Assemble a bundle from a finished run directory (or a ``TrainResult``); returns its path.
+
+    The manifest is signed with the private key at ``signing_key`` (default: ``signing.signing_key_path``,
+    generated on first use). ``bundle_metadata.json`` records the sha256 of the data half's scaler
+    files it was built from (``data_half_scalers``), so verification can compare them with the data
+    half of the day.
 
     Refuses (``BundleError``) a run whose files are missing, whose metrics name another contract than
     ``contract_path``, a schema that differs from the contract, or scalers fitted for another contract.
@@ -218,6 +254,11 @@ def write_bundle(
         ckpt = load_best(run_dir / BEST_NAME)
     except (ContractError, CheckpointError) as exc:
         raise BundleError(f"cannot write a bundle from run {run_dir}: {exc}") from exc
+    try:
+        key = load_signing_key(signing_key)
+    except (OSError, SignatureError) as exc:
+        raise BundleError(f"cannot sign a bundle from run {run_dir}: {exc}") from exc
+    scaler_digests = {name: sha256_file(scalers_dir / name) for name in SCALER_FILES}
     metrics = _read_json(run_dir / "metrics.json")
     run_hash = metrics.get("feature_contract_hash")
     if run_hash != contract.hash:
@@ -248,6 +289,7 @@ def write_bundle(
         "library_versions": library_versions(),
         "code_version": code_version(),
         "created_at": created.isoformat().replace("+00:00", "Z"),
+        DATA_HALF_SCALERS_KEY: {"dir": str(scalers_dir.resolve()), "sha256": scaler_digests},
         **dict(extra_metadata or {}),
     }
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -261,52 +303,118 @@ def write_bundle(
         _copy(schema_path, tmp / "feature_schema.txt")
         write_text_atomic(tmp / HASH_NAME, contract.hash + "\n")
         write_json_atomic(tmp / METADATA_NAME, metadata)
+        for name in SCALER_FILES:  # the copies must be what was recorded (no change in between)
+            if sha256_file(tmp / name) != scaler_digests[name]:
+                raise BundleError(f"{scalers_dir / name} changed while the bundle was being written")
         write_json_atomic(tmp / MANIFEST_NAME, build_manifest(tmp))
+        sign_manifest(tmp, key)
     return target
 
 
 def build_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    """``{"algorithm": "sha256", "files": {name: {"sha256", "size"}}}`` over every file but the manifest."""
+    """``{"algorithm": "sha256", "files": {name: {"sha256", "size"}}}`` over every bundle file (not the
+    manifest, its signature or the records)."""
     bundle_dir = Path(bundle_dir)
     files = {}
     for p in sorted(bundle_dir.iterdir()):
-        if p.name == MANIFEST_NAME or not p.is_file():
+        if p.name in (MANIFEST_NAME, SIGNATURE_NAME, RECORDS_DIR):
             continue
-        files[p.name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+        digest, size = sha256_regular(p, _CHUNK)
+        files[p.name] = {"sha256": digest, "size": size}
     return {"algorithm": "sha256", "files": files}
 
 
 # -- checking and loading ---------------------------------------------------------------------
 
 
+def entry_problems(bundle_dir: str | Path, *, require_signature: bool = True) -> list[str]:
+    """The unexpected-file rule, shared by verification and :func:`load_bundle` (an empty list: ok).
+
+    The bundle directory is a real directory (not a symlink) holding exactly :data:`REQUIRED_FILES`,
+    each a regular file (``lstat``: symlinks, directories, FIFOs, devices are refused), plus optionally
+    ``records/``: a real directory holding only :data:`RECORD_FILES` and its ``manifest.json``, all
+    regular files. Only names and types are looked at; no file is read.
+    """
+    bundle_dir = Path(bundle_dir)
+    try:
+        st = os.lstat(bundle_dir)
+    except OSError as exc:
+        return [f"{bundle_dir}: {exc.strerror or exc}"]
+    if stat.S_ISLNK(st.st_mode):
+        return [f"{bundle_dir}: the bundle directory is a symlink"]
+    if not stat.S_ISDIR(st.st_mode):
+        return [f"{bundle_dir}: not a directory"]
+    required = REQUIRED_FILES if require_signature else tuple(n for n in REQUIRED_FILES if n != SIGNATURE_NAME)
+    problems: list[str] = []
+    present: dict[str, os.stat_result] = {p.name: os.lstat(p) for p in bundle_dir.iterdir()}
+    missing = [n for n in required if n not in present]
+    if missing:
+        problems.append(f"missing {missing}")
+    for name, entry in sorted(present.items()):
+        if name in REQUIRED_FILES:
+            if not stat.S_ISREG(entry.st_mode):
+                problems.append(f"{name}: {_kind(entry)}, not a regular file")
+        elif name == RECORDS_DIR:
+            problems += _records_entry_problems(bundle_dir / RECORDS_DIR, entry)
+        else:
+            problems.append(f"{name}: unexpected {_kind(entry)} in the bundle (not a bundle file)")
+    return problems
+
+
+def _kind(st: os.stat_result) -> str:
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a special file"
+
+
+def _records_entry_problems(records: Path, st: os.stat_result) -> list[str]:
+    if not stat.S_ISDIR(st.st_mode):
+        return [f"{RECORDS_DIR}: {_kind(st)}, not a directory"]
+    problems = []
+    for p in sorted(records.iterdir()):
+        entry = os.lstat(p)
+        where = f"{RECORDS_DIR}/{p.name}"
+        if p.name not in (*RECORD_FILES, MANIFEST_NAME):
+            problems.append(f"{where}: unexpected {_kind(entry)} among the records")
+        elif not stat.S_ISREG(entry.st_mode):
+            problems.append(f"{where}: {_kind(entry)}, not a regular file")
+    return problems
+
+
 def check_manifest(bundle_dir: str | Path) -> list[str]:
     """Every problem with a bundle's files against its manifest; an empty list means intact.
 
-    Checks: the manifest is readable; it lists every required file; every listed file exists with
-    the recorded size and sha256; the directory holds nothing that is not listed (apart from the
-    post-release records of :data:`POST_RELEASE_FILES`).
+    Checks: the manifest is readable; it lists every required file; every listed file is a regular
+    file (no symlink) with the recorded size and sha256; the directory holds nothing that is not
+    listed (apart from ``manifest.sig`` and the ``records/`` area, which has its own manifest:
+    :func:`check_records`). This is integrity only: trust comes from :func:`check_signature`.
     """
     bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
+    if not bundle_dir.is_dir() or bundle_dir.is_symlink():
         return [f"{bundle_dir}: not a directory"]
     manifest_path = bundle_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(read_regular(manifest_path, MAX_SMALL_FILE))
         files = manifest["files"]
         if not isinstance(files, dict):
             raise TypeError("'files' is not a mapping")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         return [f"{manifest_path}: unreadable manifest: {exc}"]
     if manifest.get("algorithm", "sha256") != "sha256":
         return [f"{manifest_path}: unsupported hash algorithm {manifest.get('algorithm')!r}"]
     problems: list[str] = []
     problems += [f"{name}: required file not listed in the manifest" for name in BUNDLE_FILES if name not in files]
     for name, entry in sorted(files.items()):
-        if "/" in name or "\\" in name or name in ("", ".", "..") or name == MANIFEST_NAME:
-            problems.append(f"{name!r}: invalid file name in the manifest")
+        if name not in BUNDLE_FILES:
+            problems.append(f"{name!r}: not a bundle file name; the manifest may list only {list(BUNDLE_FILES)}")
             continue
         path = bundle_dir / name
-        if not path.is_file():
+        if not os.path.lexists(path):
             problems.append(f"{name}: listed in the manifest but missing")
             continue
         try:
@@ -314,29 +422,62 @@ def check_manifest(bundle_dir: str | Path) -> list[str]:
         except (KeyError, TypeError, ValueError):
             problems.append(f"{name}: malformed manifest entry {entry!r}")
             continue
-        actual_size = path.stat().st_size
+        try:
+            actual, actual_size = sha256_regular(path, _CHUNK)
+        except (OSError, UnsafeFileError) as exc:
+            problems.append(f"{name}: {exc}")
+            continue
         if actual_size != size:
             problems.append(f"{name}: size {actual_size} != manifest {size}")
-            continue
-        actual = sha256_file(path)
-        if actual != digest:
+        elif actual != digest:
             problems.append(f"{name}: sha256 {actual} != manifest {digest}")
     for p in sorted(bundle_dir.iterdir()):
-        if p.name != MANIFEST_NAME and p.name not in files and p.name not in POST_RELEASE_FILES:
+        if p.name not in (MANIFEST_NAME, SIGNATURE_NAME, RECORDS_DIR) and p.name not in files:
             problems.append(f"{p.name}: present in the bundle but not listed in the manifest")
     return problems
 
 
-def load_bundle(bundle_dir: str | Path, expected_hash: str | None = None, device: str | torch.device = "cpu") -> LoadedBundle:
-    """Verify and load a bundle: manifest first, then contract, checkpoint, model and scalers.
+def check_signature(bundle_dir: str | Path, trusted_keys: str | os.PathLike[str] | None = None) -> str:
+    """The signer's key id when ``manifest.sig`` is a valid signature of ``manifest.json`` by a trusted
+    key (``signing.trusted_keys_dir``); raises ``SignatureError`` (a ``BundleError``-compatible
+    ``ValueError``) otherwise. Reads only the manifest and the signature."""
+    return verify_manifest_signature(bundle_dir, trusted_keys)[1]
 
-    Raises ``BundleError`` listing every manifest problem before any pickle (joblib) is opened, and
-    for a contract hash that differs from ``expected_hash`` or between the bundle's own files.
+
+def trusted_bundle_problems(
+    bundle_dir: str | Path, trusted_keys: str | os.PathLike[str] | None = None, *, records: bool = True
+) -> list[str]:
+    """Signature (first, before anything else is read), entry rule, manifest and (with ``records``)
+    the records area: every problem found, in that order; stops after a signature failure. An empty
+    list: the bundle is intact and signed by a trusted key."""
+    try:
+        check_signature(bundle_dir, trusted_keys)
+    except (OSError, SignatureError) as exc:
+        return [str(exc)]
+    problems = entry_problems(bundle_dir)
+    if problems:
+        return problems
+    return check_manifest(bundle_dir) + (check_records(bundle_dir) if records else [])
+
+
+def load_bundle(
+    bundle_dir: str | Path,
+    expected_hash: str | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    trusted_keys: str | os.PathLike[str] | None = None,
+) -> LoadedBundle:
+    """Verify and load a bundle: signature, entry rule, manifest, then contract, checkpoint, model and
+    scalers (rebuilt from ``scalers.json``; nothing is unpickled).
+
+    Raises ``BundleError`` for an unsigned bundle or one signed by an untrusted key, for any file the
+    entry rule refuses (extra files, symlinks, non-regular files), listing every manifest problem,
+    and for a contract hash that differs from ``expected_hash`` or between the bundle's own files.
     """
     bundle_dir = Path(bundle_dir)
-    problems = check_manifest(bundle_dir)
+    problems = trusted_bundle_problems(bundle_dir, trusted_keys)
     if problems:
-        raise BundleError(f"{bundle_dir}: bundle failed its manifest check: " + "; ".join(problems))
+        raise BundleError(f"{bundle_dir}: bundle refused: " + "; ".join(problems))
     try:
         contract = read_contract(bundle_dir / "feature_contract.json", expected_hash)
         schema = _check_schema_matches(bundle_dir / "feature_schema.txt", contract)
@@ -399,3 +540,105 @@ def list_bundles(models_dir: str | Path, variant: str | None = None) -> list[Pat
         found.append((m["ts"], int(m["n"] or 1), p.name, p))
     found.sort(reverse=True)
     return [p for *_, p in found]
+
+
+# -- post-release records ---------------------------------------------------------------------
+
+
+def records_dir(bundle_dir: str | Path) -> Path:
+    """Where a bundle's verification and replay records live (``<bundle>/records``)."""
+    return Path(bundle_dir) / RECORDS_DIR
+
+
+def _records_manifest(bundle_dir: Path) -> dict[str, Any]:
+    path = records_dir(bundle_dir) / MANIFEST_NAME
+    obj = json.loads(read_regular(path, MAX_SMALL_FILE))
+    if not isinstance(obj, dict) or not isinstance(obj.get("files"), dict):
+        raise BundleError(f"{path}: not a records manifest")
+    return obj
+
+
+def check_records(bundle_dir: str | Path) -> list[str]:
+    """Problems of the ``records/`` area (an empty list: absent, or every record listed in its own
+    manifest with its sha256 and size, and that manifest belongs to this bundle's manifest)."""
+    bundle_dir = Path(bundle_dir)
+    area = records_dir(bundle_dir)
+    if not os.path.lexists(area):
+        return []
+    try:
+        st = os.lstat(area)
+    except OSError as exc:
+        return [f"{RECORDS_DIR}: {exc}"]
+    problems = _records_entry_problems(area, st)
+    if problems:
+        return problems
+    names = sorted(p.name for p in area.iterdir() if p.name != MANIFEST_NAME)
+    if not names and not (area / MANIFEST_NAME).exists():
+        return []
+    try:
+        manifest = _records_manifest(bundle_dir)
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError) as exc:
+        return [f"{RECORDS_DIR}/{MANIFEST_NAME}: unreadable records manifest: {exc}"]
+    if manifest.get("bundle_manifest_sha256") != manifest_sha256(bundle_dir):
+        problems.append(f"{RECORDS_DIR}/{MANIFEST_NAME} belongs to bundle manifest "
+                        f"{manifest.get('bundle_manifest_sha256')}, not to this bundle's {manifest_sha256(bundle_dir)}")
+    files = manifest["files"]
+    for name in names:
+        entry = files.get(name)
+        if not isinstance(entry, dict):
+            problems.append(f"{RECORDS_DIR}/{name}: not listed in the records manifest")
+            continue
+        try:
+            digest, size = sha256_regular(area / name, _CHUNK)
+        except (OSError, UnsafeFileError) as exc:
+            problems.append(f"{RECORDS_DIR}/{name}: {exc}")
+            continue
+        if (digest, size) != (entry.get("sha256"), entry.get("size")):
+            problems.append(f"{RECORDS_DIR}/{name}: sha256/size differ from the records manifest")
+    problems += [f"{RECORDS_DIR}/{name}: listed in the records manifest but missing"
+                 for name in sorted(set(files) - set(names))]
+    return problems
+
+
+def write_record(bundle_dir: str | Path, name: str, data: bytes) -> Path:
+    """Write the record ``name`` (one of :data:`RECORD_FILES`) into ``records/`` and update the records
+    manifest (each file atomically). Records listed for another bundle manifest are not carried over:
+    left on disk unlisted, they make :func:`check_records` refuse the area (a bundle whose manifest
+    changed is a tampered one)."""
+    if name not in RECORD_FILES:
+        raise BundleError(f"{name!r} is not a record name ({list(RECORD_FILES)})")
+    bundle_dir = Path(bundle_dir)
+    digest = manifest_sha256(bundle_dir)
+    if digest is None:
+        raise BundleError(f"{bundle_dir}: no readable {MANIFEST_NAME}: not a bundle")
+    area = records_dir(bundle_dir)
+    if os.path.lexists(area) and not stat.S_ISDIR(os.lstat(area).st_mode):
+        raise BundleError(f"{area}: not a directory")
+    area.mkdir(exist_ok=True)
+    files: dict[str, Any] | None = None
+    try:
+        old = _records_manifest(bundle_dir)
+        if old.get("bundle_manifest_sha256") == digest:
+            files = dict(old["files"])
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError):
+        files = None
+    if files is None:  # records of another (or no) bundle manifest are not carried over (left unlisted)
+        files = {}
+    with atomic_path(area / name) as tmp:
+        Path(tmp).write_bytes(data)
+    files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    files = {k: v for k, v in files.items() if k in RECORD_FILES and os.path.lexists(area / k)}
+    write_json_atomic(area / MANIFEST_NAME, {"bundle_manifest_sha256": digest, "files": files})
+    return area / name
+
+
+def read_record(bundle_dir: str | Path, name: str) -> bytes:
+    """The bytes of record ``name`` after :func:`check_records` found the area intact; ``BundleError``
+    naming the problem otherwise (``FileNotFoundError`` when the record does not exist)."""
+    path = records_dir(bundle_dir) / name
+    if not os.path.lexists(path):
+        raise FileNotFoundError(path)
+    problems = check_records(bundle_dir)
+    if problems:
+        raise BundleError(f"{bundle_dir}: records refused: " + "; ".join(problems))
+    return read_regular(path, MAX_SMALL_FILE * 4)

@@ -1,7 +1,7 @@
 """``python -m sentinel_pipeline.summary``: where a pipeline instance's results are, and their state.
 
 Reads only files (no Dagster): the data-half artefacts, every bundle with its latest verification
-verdict, the replay report next to each bundle, and the test-period backtest of each variant.
+verdict, the replay report in each bundle's ``records/``, and the test-period backtest of each variant.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from sentinel_pipeline.bundles import list_bundles
+from sentinel_pipeline.bundles import list_bundles, records_dir
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 from sentinel_pipeline.stage_cache import failed_dir, last_failure, read_record
 
 
 def _verdict(bundle: Path) -> str:
-    path = bundle / "verification.json"
+    path = records_dir(bundle) / "verification.json"
     if not path.exists():
         return "not verified"
     record = json.loads(path.read_text())
@@ -68,7 +68,7 @@ def summarise(paths: ArtifactPaths) -> list[str]:
     bundles = list_bundles(paths.models_dir) if paths.models_dir.exists() else []
     lines.append(f"bundles ({paths.models_dir}): {len(bundles)}")
     for b in bundles:
-        replay = b / "replay_report.json"
+        replay = records_dir(b) / "replay_report.json"
         extra = ""
         if replay.exists():
             m = json.loads(replay.read_text())["current"]["metrics"]

@@ -1,56 +1,72 @@
 """Bundle verification: the gate that decides whether a trained model bundle may be trusted.
 
-:func:`verify_bundle` runs eight checks, in order, on a bundle directory written by
+:func:`verify_bundle` runs ten checks, in order, on a bundle directory written by
 ``bundles.write_bundle`` and returns a :class:`VerificationReport`. It never raises for a bad
 bundle: a missing file, a JSON that does not parse or an exception while loading becomes a failed
 check with the reason. A check that needs an earlier one that failed is reported as failed with
-``skipped: needs <check>`` (:data:`CHECK_NEEDS`: ``manifest`` needs ``files_present``,
-``contract_hash`` needs ``manifest``, ``metadata_agrees`` and ``scalers_load`` need ``contract_hash``,
-``model_loads`` and ``metrics_sane`` need ``metadata_agrees`` (the checkpoint it loaded), and
-``quality_gates`` needs ``model_loads``).
+``skipped: needs <check>`` (:data:`CHECK_NEEDS`: ``manifest`` needs ``signature`` and
+``files_present``, ``contract_hash`` needs ``manifest``, ``metadata_agrees`` and ``scalers_load``
+need ``contract_hash``, ``model_loads`` and ``metrics_sane`` need ``metadata_agrees`` (the
+checkpoint it loaded), ``metrics_reproduced`` needs ``model_loads`` and ``metrics_sane``, and
+``quality_gates`` needs ``model_loads``). No file's contents are read before ``signature`` passed,
+and nothing is ever unpickled: the scalers come from ``scalers.json``, the checkpoint from
+``torch.load(weights_only=True)``.
 
-===================  =================================================================================
-check                passes when
-===================  =================================================================================
-``files_present``    every file of ``bundles.BUNDLE_FILES`` and ``manifest.json`` exists and nothing
-                     else is in the directory except the post-release records of
-                     :data:`POST_RELEASE_FILES` (written after release, never in the manifest)
-``manifest``         ``bundles.check_manifest`` finds every file with its recorded sha256 and size
-                     (post-release records are exempt). Nothing is
-                     unpickled (joblib, torch) before this check has passed.
-``contract_hash``    ``feature_contract_hash.txt`` == the hash recomputed from ``feature_contract.json``
-                     == ``expected_hash``, and ``feature_schema.txt`` lists the contract's names in order
-``metadata_agrees``  ``bundle_metadata.json`` agrees with the contract (``supports_context_features``
-                     == context on and the variant reads a non-empty ctx group, as ``write_bundle``
-                     defines it; ``ctx_cat_dim``, ``ctx_cont_dim``, cardinalities, contract hash,
-                     ``input_dim``, heads), ``model_variant`` is a known variant, ``seq_len`` equals the
-                     checkpoint's and is at most the contract's (training may use shorter windows),
-                     the checkpoint (``torch.load(weights_only=True)``) has exactly the expected keys and
-                     its architecture is the one ``models.resolve_arch`` derives from the contract, and
-                     ``train_config.json`` names the same variant, architecture and contract
-``model_loads``      the checkpoint's architecture is built and its state dict loads with
-                     ``strict=True``; a forward pass on the first (up to) :data:`FORWARD_SAMPLES`
-                     validation samples (``val_h5``, read with the training loader) gives finite outputs
-                     of every head's shape ((B,) regression, (B, 3) classification). Without ``val_h5``
-                     the ``val_h5`` recorded in the bundle's ``train_config.json`` is used when that file
-                     still exists; otherwise the check fails and says so.
-``scalers_load``     both scalers load (``data.scalers.load_scalers``: the bundle's contract, hash and
-                     dims) with ``n_features_in_`` == the contract's seq / snap widths, and scaling a row
-                     of zeros gives finite values
-``metrics_sane``     ``metrics.json`` has no NaN/Inf anywhere (recursively), describes this model
-                     (variant, contract hash, best epoch and best val loss equal the checkpoint's), the
-                     best validation loss of the history is lower than the untrained model's
-                     (``initial_val_loss``, evaluated before epoch 1; bundles without it: lower than
-                     the first epoch's), and the train and val sample eligibility is consistent with
-                     its counts (``0 < samples <= rows``, rate = samples / rows). No upper bound below
-                     1: years of clean bars legitimately give rates above 0.99 (the old ceiling of 0.99
-                     failed every long crypto series for that reason alone).
-``quality_gates``    the statistical skill gates of :mod:`~sentinel_pipeline.evaluation.skill_gates`,
-                     scored by a forward pass over the **gate split** (``gate_h5``; default: the
-                     ``test.h5`` beside the validation split), which neither training nor checkpoint
-                     selection ever read. Needs only ``model_loads``, so the evidence is recorded even for
-                     a bundle that fails an earlier bookkeeping check.
-===================  =================================================================================
+======================  ==============================================================================
+check                   passes when
+======================  ==============================================================================
+``signature``           ``manifest.sig`` is a valid ed25519 signature of ``manifest.json``'s bytes by a
+                        key in the trusted-keys directory (``signing.trusted_keys_dir``, outside the
+                        bundle). Unsigned bundles (written before signing) fail with how to re-sign
+                        or retrain.
+``files_present``       ``bundles.entry_problems``: exactly ``bundles.REQUIRED_FILES``, each a regular
+                        file (``lstat``: no symlinks, FIFOs, directories), plus optionally ``records/``
+                        holding only known records; names and types only, nothing is read
+``manifest``            ``bundles.check_manifest`` finds every file with its recorded sha256 and size
+                        (files opened with ``O_NOFOLLOW``), and the records match their own manifest,
+                        which belongs to this bundle manifest
+``contract_hash``       ``feature_contract_hash.txt`` == the hash recomputed from ``feature_contract.json``
+                        == ``expected_hash``, and ``feature_schema.txt`` lists the contract's names in order
+``metadata_agrees``     ``bundle_metadata.json`` agrees with the contract (``supports_context_features``
+                        == context on and the variant reads a non-empty ctx group, as ``write_bundle``
+                        defines it; ``ctx_cat_dim``, ``ctx_cont_dim``, cardinalities, contract hash,
+                        ``input_dim``, heads), ``model_variant`` is a known variant, ``seq_len`` equals the
+                        checkpoint's and is at most the contract's (training may use shorter windows),
+                        the checkpoint (``torch.load(weights_only=True)``) has exactly the expected keys and
+                        its architecture is the one ``models.resolve_arch`` derives from the contract, and
+                        ``train_config.json`` names the same variant, architecture and contract
+``model_loads``         the checkpoint's architecture is built and its state dict loads with
+                        ``strict=True``; a forward pass on the first (up to) :data:`FORWARD_SAMPLES`
+                        validation samples (``val_h5``, read with the training loader) gives finite outputs
+                        of every head's shape ((B,) regression, (B, 3) classification). Without ``val_h5``
+                        the ``val_h5`` recorded in the bundle's ``train_config.json`` is used when that file
+                        still exists; otherwise the check fails and says so.
+``scalers_load``        both scalers are rebuilt from ``scalers.json`` (plain JSON; the joblib copies
+                        are never unpickled) for the bundle's contract, scaling a row of zeros is finite,
+                        the bundle's scaler files are the data half's recorded at bundle time
+                        (``bundle_metadata.json`` ``data_half_scalers``) and, with ``scalers_dir`` (the
+                        pipeline's), their parameters equal the data half's of today, which scaled the
+                        splits verification reads
+``metrics_sane``        ``metrics.json`` has no NaN/Inf anywhere (recursively), describes this model
+                        (variant, contract hash, best epoch and best val loss equal the checkpoint's), the
+                        best validation loss of the history is lower than the untrained model's
+                        (``initial_val_loss``, evaluated before epoch 1; bundles without it: lower than
+                        the first epoch's), and the train and val sample eligibility is consistent with
+                        its counts (``0 < samples <= rows``, rate = samples / rows). No upper bound below
+                        1: years of clean bars legitimately give rates above 0.99 (the old ceiling of 0.99
+                        failed every long crypto series for that reason alone).
+``metrics_reproduced``  a forward pass over the whole validation split (what ``final_val`` describes;
+                        ``limit_samples`` of the run applied) reproduces ``metrics.json``: the sample
+                        count exactly; the best checkpoint's validation loss and, per head, ``mse``,
+                        ``ic``, ``rank_ic`` (regression) or ``accuracy``, ``macro_f1`` (classification)
+                        within relative :data:`METRICS_RTOL` (1e-4; :data:`METRICS_RTOL_AMP` for bf16
+                        runs). Edited metrics or rewritten weights fail here.
+``quality_gates``       the statistical skill gates of :mod:`~sentinel_pipeline.evaluation.skill_gates`,
+                        scored by a forward pass over the **gate split** (``gate_h5``; default: the
+                        ``test.h5`` beside the validation split), which neither training nor checkpoint
+                        selection ever read. Needs only ``model_loads``, so the evidence is recorded even for
+                        a bundle that fails an earlier bookkeeping check.
+======================  ==============================================================================
 
 Quality gates (defaults :data:`DEFAULT_GATES`; override per variant with a ``gates`` mapping or a
 JSON/YAML file ``{variant: {field: value}}``, see :func:`load_gates`; a field set to ``null`` switches
@@ -73,16 +89,18 @@ a failure that says so, never a pass.
   shifted in time by a common offset of at least the label horizon, up to 200 offsets). The
   majority-class baseline of ``metrics.json`` stays as information only.
 
-Verification records: :func:`write_verification_record` writes ``verification.json`` (atomically)
-into the bundle; :func:`require_verified` (used by replay) refuses a bundle unless that record
-passed, the bundle's ``manifest.json`` is byte-for-byte the one that was verified, and the manifest
-still checks out, so a bundle changed after verification is refused too.
+Verification records: :func:`write_verification_record` writes ``records/verification.json`` into the
+bundle (``bundles.write_record``: the records' own manifest, never the signed one). Records are
+information: anyone who can write ``models/`` can rewrite them. :func:`require_verified` (replay, the
+backtest) always checks the signature, the files and the manifest; with ``verified_manifest_sha256``
+(the Dagster path passes the digest its event log recorded for the passing ``bundle_verified``
+evaluation) the current manifest must have exactly that digest; without it (plain Python), the record
+must have passed on the current manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -96,31 +114,52 @@ import numpy as np
 import torch
 import yaml
 
-from sentinel_pipeline.atomic_io import write_json_atomic
 from sentinel_pipeline.bundles import (
-    BUNDLE_FILES,
+    DATA_HALF_SCALERS_KEY,
     HASH_NAME,
     MANIFEST_NAME,
     METADATA_NAME,
-    POST_RELEASE_FILES,
+    RECORD_FILES,
+    RECORDS_DIR,
+    REQUIRED_FILES,
     BundleError,
     check_manifest,
+    check_records,
+    check_signature,
+    entry_problems,
+    manifest_sha256,
+    read_record,
+    sha256_file,
+    trusted_bundle_problems,
+    write_record,
 )
+from sentinel_pipeline.bundles import SCALER_FILES as BUNDLE_SCALER_FILES
 from sentinel_pipeline.data.feature_contract import (
     FEATURE_GROUPS,
     FeatureContract,
     read_contract,
     read_feature_schema,
 )
-from sentinel_pipeline.data.scalers import SCALED_GROUPS, SCALER_FILES, load_scalers
+from sentinel_pipeline.data.scalers import (
+    INFO_FILE,
+    SCALED_GROUPS,
+    load_scalers,
+    read_scaler_info,
+    scaler_parameter_differences,
+)
+from sentinel_pipeline.signing import SignatureError
 from sentinel_pipeline.training.checkpoints import BEST_NAME, load_best
-from sentinel_pipeline.training.data_loader import WindowBatcher, load_split_for_training
+from sentinel_pipeline.training.data_loader import (
+    WindowBatcher,
+    chronological_end_rows,
+    load_split_for_training,
+)
 from sentinel_pipeline.training.models import VARIANTS, VariantSpec, build_model, resolve_arch
 
-REQUIRED_FILES: tuple[str, ...] = (*BUNDLE_FILES, MANIFEST_NAME)
 RECORD_NAME = "verification.json"
-assert RECORD_NAME in POST_RELEASE_FILES
+assert RECORD_NAME in RECORD_FILES
 CHECK_NAMES: tuple[str, ...] = (
+    "signature",
     "files_present",
     "manifest",
     "contract_hash",
@@ -128,23 +167,35 @@ CHECK_NAMES: tuple[str, ...] = (
     "model_loads",
     "scalers_load",
     "metrics_sane",
+    "metrics_reproduced",
     "quality_gates",
 )
-# the checks each check needs to have passed first
+# the checks each check needs to have passed first; nothing reads a bundle file's contents before
+# ``signature`` has passed (``files_present`` only lists names and types)
 CHECK_NEEDS: dict[str, tuple[str, ...]] = {
+    "signature": (),
     "files_present": (),
-    "manifest": ("files_present",),
+    "manifest": ("signature", "files_present"),
     "contract_hash": ("manifest",),
     "metadata_agrees": ("contract_hash",),
     "model_loads": ("metadata_agrees",),
     "scalers_load": ("contract_hash",),
     "metrics_sane": ("metadata_agrees",),
+    "metrics_reproduced": ("model_loads", "metrics_sane"),
     "quality_gates": ("model_loads",),
 }
 FORWARD_SAMPLES = 256
 GATE_SPLIT_FILE = "test.h5"
 CONFIG_NAME = "train_config.json"
 METRICS_NAME = "metrics.json"
+# metrics.json's final validation metrics must be reproduced by verification's own forward pass:
+# relative tolerance (plus a small absolute one for values near 0). A float32 CPU forward pass in
+# other batch sizes differs by ~1e-6 relative; runs trained with bf16 autocast get the looser one.
+METRICS_RTOL = 1e-4
+METRICS_ATOL = 1e-6
+METRICS_RTOL_AMP = 2e-2
+REPRODUCED_REGRESSION_METRICS: tuple[str, ...] = ("mse", "ic", "rank_ic")
+REPRODUCED_CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 
 
 class BundleNotVerifiedError(BundleError):
@@ -366,11 +417,6 @@ def gated_head(spec: VariantSpec, gates: QualityGates) -> str:
 # -- the checks -------------------------------------------------------------------------------
 
 
-def _sha256_bytes(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -383,9 +429,10 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def manifest_problems(bundle_dir: str | Path) -> list[str]:
-    """``bundles.check_manifest`` (post-release records are exempt there)."""
-    return check_manifest(bundle_dir)
+def manifest_problems(bundle_dir: str | Path, trusted_keys: str | os.PathLike[str] | None = None) -> list[str]:
+    """``bundles.trusted_bundle_problems``: signature first, then the entry rule, the manifest and
+    the records' own manifest."""
+    return trusted_bundle_problems(bundle_dir, trusted_keys)
 
 
 def _nonfinite_paths(obj: Any, path: str = "") -> list[str]:
@@ -420,34 +467,38 @@ class _Context:
     gate_h5: Path | None = None
     model: torch.nn.Module | None = None
     gate_results: list[dict[str, Any]] = field(default_factory=list)
+    trusted_keys: Path | None = None
+    scalers_dir: Path | None = None
+    signer: str | None = None
 
     def file(self, name: str) -> Path:
         return self.bundle_dir / name
 
 
+def _check_signature(ctx: _Context) -> str:
+    try:
+        ctx.signer = check_signature(ctx.bundle_dir, ctx.trusted_keys)
+    except (OSError, SignatureError) as exc:
+        raise CheckFailed(str(exc)) from exc
+    return f"{MANIFEST_NAME} is signed by trusted key {ctx.signer}"
+
+
 def _check_files_present(ctx: _Context) -> str:
-    if not ctx.bundle_dir.is_dir():
-        raise CheckFailed(f"{ctx.bundle_dir} is not a directory")
-    missing = [name for name in REQUIRED_FILES if not ctx.file(name).is_file()]
-    allowed = set(REQUIRED_FILES) | set(POST_RELEASE_FILES)
-    extra = sorted(p.name for p in ctx.bundle_dir.iterdir() if p.name not in allowed or not p.is_file())
-    extra = [name for name in extra if name not in missing]
-    problems = [f"missing {missing}"] if missing else []
-    if extra:
-        problems.append(f"unexpected {extra}")
+    problems = entry_problems(ctx.bundle_dir)
     if problems:
         raise CheckFailed("; ".join(problems))
-    records = sorted(p.name for p in ctx.bundle_dir.iterdir() if p.name in POST_RELEASE_FILES)
-    return f"all {len(REQUIRED_FILES)} bundle files present" + (
-        f" (+ post-release {records})" if records else ""
+    records = sorted(p.name for p in (ctx.bundle_dir / RECORDS_DIR).glob("*")) if (
+        ctx.bundle_dir / RECORDS_DIR).is_dir() else []
+    return f"all {len(REQUIRED_FILES)} bundle files present, regular files, nothing else" + (
+        f" (+ {RECORDS_DIR}/ {records})" if records else ""
     )
 
 
 def _check_manifest(ctx: _Context) -> str:
-    problems = manifest_problems(ctx.bundle_dir)
+    problems = check_manifest(ctx.bundle_dir) + check_records(ctx.bundle_dir)
     if problems:
         raise CheckFailed("; ".join(problems))
-    return f"sha256 and size of all {len(REQUIRED_FILES) - 1} files match {MANIFEST_NAME}"
+    return f"sha256 and size of all {len(REQUIRED_FILES) - 2} files match the signed {MANIFEST_NAME}"
 
 
 def _check_contract_hash(ctx: _Context) -> str:
@@ -601,6 +652,9 @@ def _check_model_loads(ctx: _Context) -> str:
 
 
 def _check_scalers_load(ctx: _Context) -> str:
+    """Scalers rebuilt from ``scalers.json`` (no pickle) fit the contract; the bundle's scaler files are
+    the data half's recorded at bundle time; with ``scalers_dir``, the data half of today has the
+    same scaler parameters (the ones that scaled the splits this verification reads)."""
     contract = ctx.contract
     assert contract is not None
     fitted = load_scalers(ctx.bundle_dir, contract.hash, contract)
@@ -608,15 +662,33 @@ def _check_scalers_load(ctx: _Context) -> str:
     for group in SCALED_GROUPS:
         scaler = fitted.scaler(group)
         width = len(contract.names(group))
-        if scaler.n_features_in_ != width:
-            raise CheckFailed(
-                f"{SCALER_FILES[group]}: {scaler.n_features_in_} features, the contract has {width}"
-            )
         out = scaler.transform(np.zeros((1, width), dtype=np.float32))
         if out.shape != (1, width) or not np.isfinite(out).all():
-            raise CheckFailed(f"{SCALER_FILES[group]}: scaling a row of zeros gives {out!r}")
+            raise CheckFailed(f"{INFO_FILE}: scaling a row of zeros with the {group} scaler gives {out!r}")
         parts.append(f"{group} {width} features")
-    return "both scalers load for contract " + contract.hash + ": " + ", ".join(parts)
+    detail = f"both scalers rebuilt from {INFO_FILE} for contract {contract.hash}: " + ", ".join(parts)
+    meta = _read_json_object(ctx.file(METADATA_NAME))
+    recorded = (meta.get(DATA_HALF_SCALERS_KEY) or {}).get("sha256")
+    if isinstance(recorded, dict):
+        if sorted(recorded) != sorted(BUNDLE_SCALER_FILES):
+            raise CheckFailed(f"{METADATA_NAME} {DATA_HALF_SCALERS_KEY} lists {sorted(recorded)}, "
+                              f"not the scaler files {list(BUNDLE_SCALER_FILES)}")
+        mismatched = [n for n, d in recorded.items() if sha256_file(ctx.file(n)) != d]
+        if mismatched:
+            raise CheckFailed(f"{METADATA_NAME} {DATA_HALF_SCALERS_KEY}: the bundle's {mismatched} "
+                              "differ from the data half's scaler files recorded when the bundle was written")
+        detail += f"; equal to the data half's recorded at bundle time ({INFO_FILE} {recorded[INFO_FILE][:12]})"
+    else:
+        detail += f"; no data-half scaler digests recorded ({METADATA_NAME} predates them)"
+    if ctx.scalers_dir is not None:
+        current = ctx.scalers_dir / INFO_FILE
+        differences = scaler_parameter_differences(fitted.info, read_scaler_info(current))
+        if differences:
+            raise CheckFailed(f"the bundle's scalers are not the data half's {current} (which scaled the splits): "
+                              + "; ".join(differences))
+        same_file = isinstance(recorded, dict) and sha256_file(current) == recorded.get(INFO_FILE)
+        detail += f"; same parameters as {current}" + ("" if same_file else " (file rewritten since)")
+    return detail
 
 
 def _check_metrics_sane(ctx: _Context) -> str:
@@ -698,6 +770,91 @@ def _check_metrics_sane(ctx: _Context) -> str:
     )
 
 
+def _close(a: Any, b: Any, rtol: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if not isinstance(a, int | float) or not isinstance(b, int | float):
+        return False
+    return math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=METRICS_ATOL)
+
+
+def _check_metrics_reproduced(ctx: _Context) -> str:
+    """A forward pass over the validation split (what ``final_val`` describes) reproduces
+    ``metrics.json``: the sample count exactly, the best checkpoint's validation loss and, per head,
+    mse / IC / rank IC (regression) or accuracy / macro-F1 (classification) within the tolerance."""
+    from sentinel_pipeline.training.data_loader import TARGET_NAMES
+    from sentinel_pipeline.training.evaluation import evaluate_predictions
+    from sentinel_pipeline.training.losses import class_weights_from_counts, compute_losses
+
+    spec, contract, model = ctx.spec, ctx.contract, ctx.model
+    assert spec is not None and contract is not None and model is not None
+    metrics = ctx.metrics or _read_json_object(ctx.file(METRICS_NAME))
+    config = _read_json_object(ctx.file(CONFIG_NAME))
+    amp = bool((metrics.get("settings") or {}).get("bf16_autocast"))
+    rtol = METRICS_RTOL_AMP if amp else METRICS_RTOL
+    path = _validation_path(ctx)
+    split, _ = load_split_for_training(path, contract.hash)
+    limit = config.get("limit_samples")
+    if limit is not None:
+        split = dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, int(limit))))
+    arch = ctx.checkpoint["arch"]
+    # the training run's validation batch size: a class-weighted loss averages per batch (by the sum of
+    # the batch's weights), so the mean validation loss depends on how the split was batched
+    eval_batch = (metrics.get("settings") or {}).get("eval_batch_size")
+    batch_size = int(eval_batch) if isinstance(eval_batch, int) and eval_batch > 0 else 1024
+    batcher = WindowBatcher(split, seq_len=int(arch["seq_len"]), batch_size=batch_size)
+    baselines = metrics.get("baselines") or {}
+    weights = None
+    if spec.uses_class_weights:
+        counts = baselines.get("class_counts")
+        if not isinstance(counts, list) or len(counts) != 3:
+            raise CheckFailed(f"{METRICS_NAME}: no train class counts (baselines.class_counts) for the class weights")
+        weights = class_weights_from_counts(counts)
+    heads = [h.name for h in spec.heads]
+    outs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+    kept: dict[str, list[np.ndarray]] = {"targets": [], "tb_class": [], "timestamp": []}
+    loss_sum, n = 0.0, 0
+    with torch.inference_mode():
+        for b in range(len(batcher)):
+            batch = batcher.batch(b)
+            outputs = {k: v.float() for k, v in model(batch).items()}
+            total, _ = compute_losses(spec, outputs, batch, weights)
+            size = int(batch["tb_class"].shape[0])
+            loss_sum += float(total) * size
+            n += size
+            for h in heads:
+                outs[h].append(outputs[h].numpy())
+            for k in kept:
+                kept[k].append(batch[k].numpy())
+    final = metrics.get("final_val") or {}
+    if n == 0 or n != final.get("n_samples"):
+        raise CheckFailed(f"{path.name}: {n} validation samples, {METRICS_NAME} final_val describes "
+                          f"{final.get('n_samples')!r} (not this split)")
+    recomputed = evaluate_predictions(
+        spec, {h: np.concatenate(v) for h, v in outs.items()}, np.concatenate(kept["targets"]), list(TARGET_NAMES),
+        np.concatenate(kept["tb_class"]), np.concatenate(kept["timestamp"]), baselines)
+    problems = []
+    val_loss = loss_sum / n
+    if not _close(val_loss, ctx.checkpoint["val_loss"], rtol):
+        problems.append(f"validation loss {val_loss:.6g} != best_val_loss {ctx.checkpoint['val_loss']!r}")
+    compared = 0
+    for head in spec.heads:
+        names = REPRODUCED_REGRESSION_METRICS if head.kind == "regression" else REPRODUCED_CLASSIFICATION_METRICS
+        stated = (final.get("heads") or {}).get(head.name) or {}
+        for name in names:
+            mine = recomputed["heads"][head.name].get(name)
+            if not _close(mine, stated.get(name), rtol):
+                problems.append(f"{head.name} {name}: recomputed {mine!r}, {METRICS_NAME} says {stated.get(name)!r}")
+            compared += 1
+    if "macro_f1" in recomputed and not _close(recomputed["macro_f1"], final.get("macro_f1"), rtol):
+        problems.append(f"macro_f1: recomputed {recomputed['macro_f1']!r}, {METRICS_NAME} says {final.get('macro_f1')!r}")
+    if problems:
+        raise CheckFailed(f"{METRICS_NAME} is not what the bundle's model gives on {path.name} "
+                          f"(rel. tolerance {rtol:g}): " + "; ".join(problems))
+    return (f"forward pass over {n} samples of {path.name} reproduces {METRICS_NAME}: val loss {val_loss:.6g} and "
+            f"{compared} final_val metrics within rel. {rtol:g}")
+
+
 def _gate_split_path(ctx: _Context) -> Path:
     """The gate split: ``gate_h5`` when given, else ``test.h5`` beside the validation split."""
     if ctx.gate_h5 is not None:
@@ -762,6 +919,7 @@ def _check_quality_gates(ctx: _Context) -> str:
 
 
 _CHECKS: dict[str, Callable[[_Context], str]] = {
+    "signature": _check_signature,
     "files_present": _check_files_present,
     "manifest": _check_manifest,
     "contract_hash": _check_contract_hash,
@@ -769,6 +927,7 @@ _CHECKS: dict[str, Callable[[_Context], str]] = {
     "model_loads": _check_model_loads,
     "scalers_load": _check_scalers_load,
     "metrics_sane": _check_metrics_sane,
+    "metrics_reproduced": _check_metrics_reproduced,
     "quality_gates": _check_quality_gates,
 }
 
@@ -789,8 +948,14 @@ def verify_bundle(
     val_h5: str | os.PathLike[str] | None = None,
     gate_h5: str | os.PathLike[str] | None = None,
     gates: GateOverrides | QualityGates = None,
+    trusted_keys: str | os.PathLike[str] | None = None,
+    scalers_dir: str | os.PathLike[str] | None = None,
 ) -> VerificationReport:
     """Run every check of the module docstring on ``bundle_dir``; never raises for a bad bundle.
+
+    ``trusted_keys``: the directory of trusted public keys (default ``signing.trusted_keys_dir()``).
+    ``scalers_dir``: the data half's scaler directory; when given, the bundle's scaler parameters must
+    equal its ``scalers.json`` (the scalers that scaled the splits verification reads).
 
     ``gates``: per-variant overrides of :data:`DEFAULT_GATES` (see :func:`resolve_gates`), or one
     :class:`QualityGates` used whatever the bundle's variant. Invalid gate overrides raise
@@ -802,8 +967,10 @@ def verify_bundle(
     else:
         resolved = resolve_gates(gates)
     ctx = _Context(bundle_dir, str(expected_hash), Path(val_h5) if val_h5 is not None else None, resolved,
-                   gate_h5=Path(gate_h5) if gate_h5 is not None else None)
-    manifest_digest = _sha256_bytes(bundle_dir / MANIFEST_NAME)
+                   gate_h5=Path(gate_h5) if gate_h5 is not None else None,
+                   trusted_keys=Path(trusted_keys) if trusted_keys is not None else None,
+                   scalers_dir=Path(scalers_dir) if scalers_dir is not None else None)
+    manifest_digest = manifest_sha256(bundle_dir)
     outcomes: dict[str, CheckOutcome] = {}
     for name in CHECK_NAMES:
         failed_needs = [n for n in CHECK_NEEDS[name] if not outcomes[n].passed]
@@ -827,48 +994,69 @@ def verify_bundle(
 
 
 def write_verification_record(bundle_dir: str | os.PathLike[str], report: VerificationReport) -> Path:
-    """Write ``report`` as the bundle's ``verification.json`` (atomically); returns its path.
-
-    The record is a post-release file: it is not in the manifest and does not change what the
-    manifest covers. Earlier records are kept, summarised, under ``"previous"``.
-    """
+    """Write ``report`` as the bundle's ``records/verification.json`` (``bundles.write_record``: its own
+    manifest, never the signed one); returns its path. Earlier records are kept, summarised, under
+    ``"previous"``."""
     bundle_dir = Path(bundle_dir)
     if bundle_dir.resolve() != Path(report.bundle_dir).resolve():
         raise ValueError(f"report is for {report.bundle_dir}, not for {bundle_dir}")
-    path = bundle_dir / RECORD_NAME
     previous: list[dict[str, Any]] = []
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-            previous = list(old.get("previous", [])) + [
-                {
-                    k: old.get(k)
-                    for k in ("verified_at", "passed", "failed_checks", "manifest_digest", "expected_hash")
-                }
-            ]
-        except (OSError, json.JSONDecodeError, AttributeError, TypeError):
-            previous = []
-    return write_json_atomic(path, {**report.to_dict(), "previous": previous})
+    try:
+        old = json.loads(read_record(bundle_dir, RECORD_NAME))
+        previous = list(old.get("previous", [])) + [
+            {k: old.get(k) for k in ("verified_at", "passed", "failed_checks", "manifest_digest", "expected_hash")}
+        ]
+    except (OSError, ValueError, AttributeError, TypeError):  # absent, refused or malformed: start afresh
+        previous = []
+    data = json.dumps({**report.to_dict(), "previous": previous}, indent=2, allow_nan=False).encode("utf-8")
+    return write_record(bundle_dir, RECORD_NAME, data)
 
 
-def require_verified(bundle_dir: str | os.PathLike[str], expected_hash: str | None = None) -> dict[str, Any]:
-    """The bundle's passing verification record; raises :class:`BundleNotVerifiedError` otherwise.
+def require_verified(
+    bundle_dir: str | os.PathLike[str],
+    expected_hash: str | None = None,
+    *,
+    verified_manifest_sha256: str | None = None,
+    trusted_keys: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Refuse (:class:`BundleNotVerifiedError`) a bundle that cannot be trusted now; returns what
+    vouches for it.
 
-    Refused: no (readable) ``verification.json``; a record that did not pass (the message lists the
-    failed checks); a record for another ``expected_hash`` (when given); a ``manifest.json`` whose
-    sha256 differs from the verified one; a bundle that fails its manifest check now.
+    Always, in this order: the signature of ``manifest.json`` by a trusted key (checked before
+    anything else is read), the entry rule (no symlinks, nothing unexpected), every file's sha256
+    against the manifest, the records' own manifest.
+
+    Then, with ``verified_manifest_sha256`` (the digest the Dagster event log holds for the passing
+    ``bundle_verified`` evaluation): the current manifest's sha256 must equal it; the bundle's own
+    ``verification.json`` is not consulted. Returns ``{"manifest_digest", "source"}``.
+
+    Without it (plain Python, no Dagster): the bundle's ``records/verification.json`` must have passed
+    every check, for ``expected_hash`` (when given), on the current manifest. Returns that record.
+    Someone who can write ``models/`` can forge this record for a signed bundle that failed its
+    gates; where that matters, pass the digest from a record you keep elsewhere.
     """
     bundle_dir = Path(bundle_dir)
-    path = bundle_dir / RECORD_NAME
-    if not path.is_file():
-        raise BundleNotVerifiedError(f"{bundle_dir}: bundle has not been verified (no {RECORD_NAME})")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        report = VerificationReport.from_dict(record)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    problems = trusted_bundle_problems(bundle_dir, trusted_keys, records=False)
+    if problems:
+        raise BundleNotVerifiedError(f"{bundle_dir}: bundle refused: " + "; ".join(problems))
+    digest = manifest_sha256(bundle_dir)
+    if verified_manifest_sha256 is not None and digest != verified_manifest_sha256:
         raise BundleNotVerifiedError(
-            f"{bundle_dir}: unreadable verification record {path.name}: {exc}"
-        ) from exc
+            f"{bundle_dir}: {MANIFEST_NAME} (sha256 {digest}) is not the manifest that passed verification "
+            f"(sha256 {verified_manifest_sha256}, from the Dagster event log): the bundle changed since"
+        )
+    problems = check_records(bundle_dir)  # the same unexpected-file rule for the records area
+    if problems:
+        raise BundleNotVerifiedError(f"{bundle_dir}: bundle refused: " + "; ".join(problems))
+    if verified_manifest_sha256 is not None:
+        return {"manifest_digest": digest, "source": "verified manifest digest"}
+    try:
+        record = json.loads(read_record(bundle_dir, RECORD_NAME))
+        report = VerificationReport.from_dict(record)
+    except FileNotFoundError as exc:
+        raise BundleNotVerifiedError(f"{bundle_dir}: bundle has not been verified (no {RECORDS_DIR}/{RECORD_NAME})") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleNotVerifiedError(f"{bundle_dir}: unreadable verification record {RECORD_NAME}: {exc}") from exc
     failed = report.failed_checks
     if not report.passed or failed or [c.name for c in report.checks] != list(CHECK_NAMES):
         reasons = (
@@ -881,15 +1069,9 @@ def require_verified(bundle_dir: str | os.PathLike[str], expected_hash: str | No
         raise BundleNotVerifiedError(
             f"{bundle_dir}: verified for feature contract {report.expected_hash}, expected {expected_hash}"
         )
-    digest = _sha256_bytes(bundle_dir / MANIFEST_NAME)
     if digest is None or digest != report.manifest_digest:
         raise BundleNotVerifiedError(
             f"{bundle_dir}: {MANIFEST_NAME} changed since verification at {report.verified_at} "
             f"(sha256 {digest} != verified {report.manifest_digest})"
-        )
-    problems = manifest_problems(bundle_dir)
-    if problems:
-        raise BundleNotVerifiedError(
-            f"{bundle_dir}: bundle changed since verification at {report.verified_at}: " + "; ".join(problems)
         )
     return record

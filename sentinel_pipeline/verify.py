@@ -8,7 +8,11 @@ Example::
 Runs ``verification.verify_bundle`` and prints its report: one line per check with PASS/FAIL and
 why, or with ``--json`` the report as a JSON object. ``--gates FILE`` (JSON or YAML,
 ``{variant: {field: value}}``) overrides the default quality gates; ``--write-record`` stores the
-report as the bundle's ``verification.json`` (which ``verification.require_verified`` reads).
+report as the bundle's ``records/verification.json`` (which ``verification.require_verified`` reads
+when no Dagster event log vouches for the bundle). ``--trusted-keys DIR`` names the trusted public
+keys (default ``$SENTINEL_TRUSTED_KEYS`` or ``~/.config/sentinel-pipeline/trusted_keys``; see
+``sentinel_pipeline.signing``); ``--scalers-dir DIR`` (the data half's ``scalers/``) makes the
+scaler check compare the bundle's scaler parameters with the data half's. Nothing is unpickled.
 
 Exit codes: 0 every check passed, 1 some check failed (the report names it), 2 usage error (bad or
 missing arguments, a bundle directory or validation file that does not exist, an unreadable gates
@@ -45,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the statistical gates are scored on (default: test.h5 beside the validation split); "
         "never the split that chose the checkpoint",
     )
+    p.add_argument("--trusted-keys", type=Path,
+                   help="directory of trusted public keys (*.pub); default $SENTINEL_TRUSTED_KEYS or "
+                   "~/.config/sentinel-pipeline/trusted_keys")
+    p.add_argument("--scalers-dir", type=Path,
+                   help="the data half's scaler directory: the bundle's scaler parameters must equal its scalers.json")
     p.add_argument("--gates", type=Path, help="JSON or YAML file of per-variant quality gate overrides")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument(
@@ -62,9 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--val-h5 {args.val_h5}: no such file")
     if args.gate_h5 is not None and not args.gate_h5.is_file():
         parser.error(f"--gate-h5 {args.gate_h5}: no such file")
+    if args.scalers_dir is not None and not (args.scalers_dir / "scalers.json").is_file():
+        parser.error(f"--scalers-dir {args.scalers_dir}: no scalers.json there")
     if args.gates is not None and not args.gates.is_file():
         parser.error(f"--gates {args.gates}: no such file")
 
+    from sentinel_pipeline.locking import bundle_lock
     from sentinel_pipeline.verification import load_gates, verify_bundle, write_verification_record
 
     gates = None
@@ -74,13 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"--gates: {exc}")
     try:
-        report = verify_bundle(args.bundle_dir, args.expected_hash, val_h5=args.val_h5, gate_h5=args.gate_h5,
-                               gates=gates)
+        with bundle_lock(args.bundle_dir):  # exclusive, like the Dagster check: no reader while it is verified
+            report = verify_bundle(args.bundle_dir, args.expected_hash, val_h5=args.val_h5, gate_h5=args.gate_h5,
+                                   gates=gates, trusted_keys=args.trusted_keys, scalers_dir=args.scalers_dir)
+            if args.write_record:
+                write_verification_record(args.bundle_dir, report)
     except (ValueError, OSError, MemoryError) as exc:  # could not run at all: the cause, not a traceback
         print(f"sentinel-verify: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.write_record:
-        write_verification_record(args.bundle_dir, report)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return EXIT_OK if report.passed else EXIT_FAILED
 

@@ -156,7 +156,8 @@ def leftover_temp_files(root: Path) -> list[Path]:
 
 
 def rewrite_manifest(bundle: Path) -> None:
-    """Recompute the bundle's manifest over its current files (a tamperer covering their tracks)."""
+    """Recompute the bundle's manifest over its current files (a tamperer covering their tracks). The
+    signature is left as it was, so it no longer matches: the tamperer has no key."""
     (bundle / MANIFEST_NAME).write_text(json.dumps(build_manifest(bundle)))
 
 
@@ -170,24 +171,22 @@ def flip_byte(bundle: Path) -> str:
 
 
 def swap_scaler(bundle: Path) -> str:
-    """``seq_scaler.joblib`` replaced by a scaler of another dimension, the manifest rewritten to match."""
-    import joblib
-    import numpy as np
-    from sklearn.preprocessing import RobustScaler
-
-    width = int(joblib.load(bundle / "seq_scaler.joblib").n_features_in_) + 3
-    other = RobustScaler().fit(np.random.default_rng(0).normal(size=(50, width)))
-    joblib.dump(other, bundle / "seq_scaler.joblib")
+    """The seq scaler's centres moved (a scaler of another dataset with the same contract: the issue's
+    case), the manifest rewritten to match; the signature then fails first."""
+    info = json.loads((bundle / "scalers.json").read_text())
+    info["center"]["seq"] = [c + 0.23 for c in info["center"]["seq"]]
+    (bundle / "scalers.json").write_text(json.dumps(info))
     rewrite_manifest(bundle)
-    return "scalers_load"
+    return "signature"
 
 
 def swap_contract(bundle: Path, scratch: Path) -> str:
-    """``feature_contract.json`` of another feature set (context features off), manifest rewritten."""
+    """``feature_contract.json`` of another feature set (context features off), manifest rewritten (the
+    signature then fails first)."""
     build_contract(FeatureConfig(context_features=False)).write(scratch)
     shutil.copyfile(scratch / "feature_contract.json", bundle / "feature_contract.json")
     rewrite_manifest(bundle)
-    return "contract_hash"
+    return "signature"
 
 
 # -- reading results -----------------------------------------------------------------------------

@@ -432,14 +432,18 @@ def test_a_bundle_is_judged_only_on_its_contract_and_a_window_it_has_not_seen() 
 
 def test_a_bundle_must_expect_the_scalers_that_scaled_the_test_split(tmp_path) -> None:
     bundle, scalers = tmp_path / "bundle", tmp_path / "scalers"
+    info = {"feature_contract_hash": "abc", "clip": 5.0, "quantile_range": [25.0, 75.0],
+            "feature_names": {"seq": ["a"], "snap": ["b", "c"]},
+            "center": {"seq": [0.1], "snap": [0.2, 0.3]}, "scale": {"seq": [1.0], "snap": [2.0, 3.0]}}
     for d in (bundle, scalers):
         d.mkdir()
-        for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
-            (d / name).write_bytes(b"fitted " + name.encode())
-    assert scaler_problem(bundle, scalers) is None
-    (scalers / "snap_scaler.joblib").write_bytes(b"refitted")
-    assert "snap_scaler.joblib differs" in scaler_problem(bundle, scalers)
-    (scalers / "seq_scaler.joblib").unlink()
+        (d / "scalers.json").write_text(json.dumps(info))
+        (d / "snap_scaler.joblib").write_bytes(b"a pickle is never read " + d.name.encode())
+    assert scaler_problem(bundle, scalers) is None  # the joblib copies differ: not what scaling uses
+    refit = {**info, "center": {"seq": [0.1], "snap": [0.2, 0.53]}}  # another dataset, same contract
+    (scalers / "scalers.json").write_text(json.dumps(refit))
+    assert "snap center differs by up to 0.23" in scaler_problem(bundle, scalers)
+    (scalers / "scalers.json").unlink()
     assert "missing" in scaler_problem(bundle, scalers)
 
 

@@ -131,9 +131,9 @@ def test_backtest_runs_after_the_verified_bundle_and_writes_only_outside_it(good
     assert strategies.groupby("baseline").size().to_dict() == {"random": 1000, "shifted": 1000}
     assert (strategies["n_trades"] == report["metrics"]["n_trades"]).all()
     assert report["test_split"]["path"].endswith("test.h5")
-    # the bundle holds its manifest's files, the manifest and its verification record, nothing else
+    # the bundle holds its manifest's files, the manifest, its signature and its records, nothing else
     manifest = json.loads((bundle / MANIFEST_NAME).read_text())
-    assert {p.name for p in bundle.iterdir()} == {*manifest["files"], MANIFEST_NAME, "verification.json"}
+    assert {p.name for p in bundle.iterdir()} == {*manifest["files"], MANIFEST_NAME, "manifest.sig", "records"}
     require_verified(bundle)
     assert leftover_temp_files(home.data_dir) == leftover_temp_files(home.models_dir) == []
 
@@ -183,13 +183,13 @@ def test_backtest_refuses_in_a_later_run_after_a_failed_check_or_a_changed_bundl
     assert materializations(result) == {} and report_bytes(good) == before
 
     # the byte flipped back, the check passes again; then the bundle changes without re-verification:
-    # the Dagster record says "passed", the bundle's own record refuses
+    # the Dagster record says "passed", the bundle no longer matches the manifest it verified
     flip_byte(good.bundle)
     assert check_evaluations(home.run(instance, "checks_only"))[f"bundle_{VARIANT}:{CHECK_NAME}"].passed
     flip_byte(good.bundle)
     result = home.run(instance, selection=[BACKTEST])
     message = step_failures(result)[f"backtest_{VARIANT}"]
-    assert "refused" in message and "changed since verification" in message, message
+    assert "refused" in message and "model_best.pt: sha256" in message, message
     assert report_bytes(good) == before
 
 

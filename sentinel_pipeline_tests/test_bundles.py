@@ -61,7 +61,7 @@ def test_bundle_contents_and_metadata(bundle: Path, run: TrainResult, data: Trai
     variant, stamp, contract_hash = bundle.name.split("__")
     assert (variant, contract_hash) == ("seq_ctx_fusion", data.hash)
     assert len(stamp) == 16 and stamp.endswith("Z") and stamp[8] == "T"
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json"])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json", "manifest.sig"])
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert sorted(manifest["files"]) == sorted(BUNDLE_FILES)
     assert check_manifest(bundle) == []
@@ -75,6 +75,10 @@ def test_bundle_contents_and_metadata(bundle: Path, run: TrainResult, data: Trai
     assert {"numpy", "pandas", "scikit-learn", "dagster"} <= set(meta["library_versions"])
     assert meta["code_version"]["package_version"] and "git_commit" in meta["code_version"]
     assert meta["created_at"].endswith("Z") and meta["note"] == "test"
+    # the data half's scaler files the bundle was built from, by digest
+    recorded = meta["data_half_scalers"]["sha256"]
+    assert recorded == {n: bundles.sha256_file(data.scalers_dir / n) for n in bundles.SCALER_FILES}
+    assert bundles.check_signature(bundle)  # signed by the (test) training key, which is trusted
 
 
 def test_loaded_bundle_reproduces_the_checkpoint(bundle: Path, run: TrainResult, data: TrainingData) -> None:
@@ -98,7 +102,7 @@ def test_wrong_expected_hash_is_refused(bundle: Path) -> None:
         load_bundle(bundle, expected_hash="ffffffffffffffff")
 
 
-def test_one_changed_byte_is_refused_before_joblib_runs(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_changed_byte_is_refused_before_anything_is_loaded(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = bundle / "seq_scaler.joblib"
     raw = bytearray(target.read_bytes())
     raw[len(raw) // 2] ^= 0x01

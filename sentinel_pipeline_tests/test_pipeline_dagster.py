@@ -38,6 +38,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from sentinel_pipeline.bundles import RECORD_FILES, manifest_sha256, records_dir, sha256_file, write_record
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, generate_synthetic_market
 from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
@@ -48,6 +49,7 @@ from sentinel_pipeline.paths import SPLITS
 from sentinel_pipeline.stage_cache import read_record
 from sentinel_pipeline.training.models import VARIANTS
 from sentinel_pipeline.verification import CHECK_NAMES
+from sentinel_pipeline_tests.bundle_tamper import malicious_pickle, resign
 from sentinel_pipeline_tests.pipeline_fixtures import (
     DATA_STAGES,
     SMALL_MARKET,
@@ -59,6 +61,7 @@ from sentinel_pipeline_tests.pipeline_fixtures import (
     materializations,
     raw_metadata,
     restore,
+    rewrite_manifest,
     started_steps,
     step_failures,
     swap_contract,
@@ -207,9 +210,12 @@ def test_full_graph_materialises_every_asset_passes_every_check_with_metadata(go
         assert (bundle / "feature_contract_hash.txt").read_text().strip() == contract_hash
         assert "data:image/png;base64," in md["loss_curve"]
         assert md["already_complete"] is False and md["epochs_completed"] >= 1
-        verification = json.loads((bundle / "verification.json").read_text())
+        verification = json.loads((records_dir(bundle) / "verification.json").read_text())
         assert verification["passed"] and [c["name"] for c in verification["checks"]] == list(CHECK_NAMES)
-        assert raw_metadata(evaluations[f"bundle_{variant}:{CHECK_NAME}"].metadata)["failed_checks"] == "none"
+        check_md = raw_metadata(evaluations[f"bundle_{variant}:{CHECK_NAME}"].metadata)
+        assert check_md["failed_checks"] == "none"
+        # the manifest digest is in the event log twice: the materialisation and the passing check
+        assert check_md["manifest_sha256"] == md["manifest_sha256"] == manifest_sha256(bundle)
 
         replay = mats[f"replay_{variant}"]
         assert replay["bundle"] == bundle.name and replay["previous_bundle"] == "none"
@@ -219,7 +225,7 @@ def test_full_graph_materialises_every_asset_passes_every_check_with_metadata(go
         )
         assert "data:image/png;base64," in replay["equity_curves"]
         assert replay["n_trades_created"] > 0
-        report = json.loads((bundle / "replay_report.json").read_text())  # next to the bundle
+        report = json.loads((records_dir(bundle) / "replay_report.json").read_text())  # in the bundle's records
         assert Path(report["current"]["info"]["bundle"]) == bundle
         assert len(report["comparison"]) == len(replay["comparison"].splitlines()) - 2
 
@@ -321,7 +327,7 @@ def test_nightly_rerun_reuses_everything_then_rebuilds_after_raw_data_change(goo
         assert home.bundles(variant) == [bundle, first[variant]]
         replay = mats[f"replay_{variant}"]
         assert (replay["bundle"], replay["previous_bundle"]) == (bundle.name, first[variant].name)
-        report = json.loads((bundle / "replay_report.json").read_text())
+        report = json.loads((records_dir(bundle) / "replay_report.json").read_text())
         assert Path(report["current"]["info"]["bundle"]) == bundle
         assert Path(report["previous"]["info"]["bundle"]) == first[variant]
     assert all(e.passed for e in check_evaluations(rebuild).values())
@@ -334,7 +340,7 @@ def test_failing_blocking_check_keeps_replay_out_of_the_same_run(good: Good, tmp
     """Bundle, its check and its replay in one run: the check fails (impossible gates), no replay step."""
     variant = "mlp_two_head"
     bundle = bundle_of(good.built.result, variant)
-    report_before = (bundle / "replay_report.json").read_bytes()
+    report_before = (records_dir(bundle) / "replay_report.json").read_bytes()
     result = good.home.run(
         good.instance,
         gates_file=impossible_gates(tmp_path / "gates.json"),
@@ -348,8 +354,8 @@ def test_failing_blocking_check_keeps_replay_out_of_the_same_run(good: Good, tmp
     evaluation = check_evaluations(result)[f"bundle_{variant}:{CHECK_NAME}"]
     assert not evaluation.passed and "quality_gates" in (evaluation.description or "")
     assert raw_metadata(evaluation.metadata)["failed_checks"] == "quality_gates"
-    assert (bundle / "replay_report.json").read_bytes() == report_before
-    assert json.loads((bundle / "verification.json").read_text())["passed"] is False
+    assert (records_dir(bundle) / "replay_report.json").read_bytes() == report_before
+    assert json.loads((records_dir(bundle) / "verification.json").read_text())["passed"] is False
 
 
 def test_replay_refuses_bundles_that_fail_reverification_after_tampering(good: Good, tmp_path: Path) -> None:
@@ -361,7 +367,7 @@ def test_replay_refuses_bundles_that_fail_reverification_after_tampering(good: G
         "seq_ctx_fusion": swap_scaler(bundles["seq_ctx_fusion"]),
         "transformer_tbm": swap_contract(bundles["transformer_tbm"], tmp_path / "other_contract"),
     }
-    reports_before = {v: (b / "replay_report.json").read_bytes() for v, b in bundles.items()}
+    reports_before = {v: (records_dir(b) / "replay_report.json").read_bytes() for v, b in bundles.items()}
 
     checks = home.run(instance, "checks_only")
     evaluations = check_evaluations(checks)
@@ -380,24 +386,65 @@ def test_replay_refuses_bundles_that_fail_reverification_after_tampering(good: G
     for variant, inner in expected.items():
         message = failures[f"replay_{variant}"]
         assert "refused" in message and f"'{CHECK_NAME}'" in message and inner in message, message
-        assert (bundles[variant] / "replay_report.json").read_bytes() == reports_before[variant]
+        assert (records_dir(bundles[variant]) / "replay_report.json").read_bytes() == reports_before[variant]
     assert materializations(replay) == {}
 
 
 def test_replay_refuses_a_bundle_changed_after_its_verification_passed(good: Good) -> None:
-    """No re-verification: the Dagster record still says "passed", the bundle's own record catches it."""
+    """No re-verification: the Dagster record still says "passed". The manifest digest that passing
+    evaluation recorded is the anchor, not a file in the bundle: a tampered bundle re-signed with the
+    trusted key and given a forged verification record that "passed" is still refused."""
     home, instance = good.home, good.instance
     bundles = {v: bundle_of(good.built.result, v) for v in VARIANTS}
-    swap_scaler(bundles["mlp_two_head"])  # manifest rewritten: it is no longer the verified manifest
+    swap_scaler(bundles["mlp_two_head"])  # manifest rewritten ...
+    resign(bundles["mlp_two_head"])  # ... and validly signed: only the event log's digest tells
+    forged = json.loads((records_dir(bundles["mlp_two_head"]) / "verification.json").read_text())
+    forged["manifest_digest"] = manifest_sha256(bundles["mlp_two_head"])
+    write_record(bundles["mlp_two_head"], "verification.json", json.dumps(forged).encode())
     flip_byte(bundles["seq_ctx_fusion"])  # manifest kept: a file no longer matches it
     result = home.run(instance, selection=[replay_asset_key(v) for v in VARIANTS])
     failures = step_failures(result)
     assert set(failures) == {"replay_mlp_two_head", "replay_seq_ctx_fusion"}
-    assert "manifest.json changed since verification" in failures["replay_mlp_two_head"]
-    assert "changed since verification" in failures["replay_seq_ctx_fusion"]
-    assert "model_best.pt" in failures["replay_seq_ctx_fusion"]
+    assert "is not the manifest that passed verification" in failures["replay_mlp_two_head"]
+    assert "Dagster event log" in failures["replay_mlp_two_head"]
+    assert "refused" in failures["replay_seq_ctx_fusion"] and "model_best.pt: sha256" in failures["replay_seq_ctx_fusion"]
     # the untouched bundle still replays in the same run
     assert set(materializations(result)) == {"replay_transformer_tbm"}
+
+
+def test_planted_pickles_run_nothing_through_the_bundle_check_and_replay(good: Good, tmp_path: Path) -> None:
+    """The issue's attack through Dagster: malicious pickles in place of the joblib scalers and of every
+    record, the manifest recomputed (and the scaler digests in the metadata updated). Unsigned: the
+    check refuses at the signature and replay does not run. Re-signed with the trusted key (the worst
+    case): the check and replay read the whole bundle, pass, and still run nothing."""
+    home, instance = good.home, good.instance
+    variant = "mlp_two_head"
+    bundle = bundle_of(good.built.result, variant)
+    marker = tmp_path / "pwned"
+    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
+        (bundle / name).write_bytes(malicious_pickle(marker))
+    meta = json.loads((bundle / "bundle_metadata.json").read_text())
+    meta["data_half_scalers"]["sha256"] = {n: sha256_file(bundle / n) for n in meta["data_half_scalers"]["sha256"]}
+    (bundle / "bundle_metadata.json").write_text(json.dumps(meta))
+    rewrite_manifest(bundle)
+    for name in RECORD_FILES:  # listed in a records manifest bound to the rewritten bundle manifest
+        write_record(bundle, name, malicious_pickle(marker))
+    selection = [bundle_asset_key(variant), replay_asset_key(variant)]
+
+    forged = home.run(instance, selection=selection)
+    evaluation = check_evaluations(forged)[f"bundle_{variant}:{CHECK_NAME}"]
+    assert not evaluation.passed and raw_metadata(evaluation.metadata)["failed_checks"].startswith("signature")
+    assert f"replay_{variant}" not in started_steps(forged)
+    assert not marker.exists()
+    replay_alone = home.run(instance, selection=[replay_asset_key(variant)])
+    assert f"replay_{variant}" in step_failures(replay_alone) and not marker.exists()
+
+    resign(bundle)
+    signed = home.run(instance, selection=selection)
+    evaluation = check_evaluations(signed)[f"bundle_{variant}:{CHECK_NAME}"]
+    assert evaluation.passed, raw_metadata(evaluation.metadata)
+    assert f"replay_{variant}" in materializations(signed)  # replay loaded the bundle and ran
+    assert not marker.exists()
 
 
 def test_automation_requests_replay_only_once_the_new_bundle_passed_its_blocking_check(

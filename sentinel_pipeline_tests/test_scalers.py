@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 
 import joblib
 import numpy as np
@@ -105,12 +107,43 @@ def test_load_refuses_wrong_hash_and_dimension(data, tmp_path):
     with pytest.raises(ContractError) as exc:
         load_scalers(tmp_path, "0000000000000000")
     assert "scalers.json" in str(exc.value) and contract.hash in str(exc.value) and "0000000000000000" in str(exc.value)
-    # a scaler file of another width, claiming the right hash, is refused by the dimension check
-    wrong = ClippedRobustScaler().fit(np.random.default_rng(0).normal(size=(20, 2)))
-    wrong.feature_contract_hash_ = contract.hash
-    joblib.dump(wrong, tmp_path / "seq_scaler.joblib")
-    with pytest.raises(ContractError, match="seq_scaler.joblib: scaler has 2 seq features"):
+    # scalers.json is the source: parameters of another width, or not describing a scaler, are refused
+    info = json.loads((tmp_path / "scalers.json").read_text())
+    bad = {**info, "center": {**info["center"], "seq": info["center"]["seq"][:2]}}
+    (tmp_path / "scalers.json").write_text(json.dumps(bad))
+    with pytest.raises(ContractError, match="scalers.json: seq centre/scale have 2/"):
         load_scalers(tmp_path, contract.hash, contract)
+    bad = {**info, "scale": {**info["scale"], "snap": [0.0] * len(info["scale"]["snap"])}}
+    (tmp_path / "scalers.json").write_text(json.dumps(bad))
+    with pytest.raises(ContractError, match="scale > 0"):
+        load_scalers(tmp_path, contract.hash, contract)
+    renamed = {**info, "feature_names": {**info["feature_names"], "snap": info["feature_names"]["snap"][::-1]}}
+    (tmp_path / "scalers.json").write_text(json.dumps(renamed))
+    with pytest.raises(ContractError, match="snap features .* differ from contract"):
+        load_scalers(tmp_path, contract.hash, contract)
+
+
+def test_load_never_unpickles_the_joblib_files(data, tmp_path):
+    """The joblib files are for users only: a malicious pickle in their place runs nothing on load, and
+    the rebuilt scalers equal the fitted ones bit for bit."""
+    dataset, assignment, contract = data
+    fitted = fit_scalers(dataset, assignment, contract)
+    save_scalers(tmp_path, fitted)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
+        (tmp_path / name).write_bytes(pickle.dumps(Payload()))
+    loaded = load_scalers(tmp_path, contract.hash, contract)
+    assert not marker.exists()
+    for group in ("seq", "snap"):
+        np.testing.assert_array_equal(loaded.scaler(group).center_, fitted.scaler(group).center_)
+        np.testing.assert_array_equal(loaded.scaler(group).scale_, fitted.scaler(group).scale_)
+    X = dataset[contract.names("seq")].to_numpy()[:50]
+    np.testing.assert_array_equal(loaded.seq.transform(X), fitted.seq.transform(X))
 
 
 def test_zero_feature_group_is_identity(tmp_path):

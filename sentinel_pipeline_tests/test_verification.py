@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from sentinel_pipeline.atomic_io import write_json_atomic
-from sentinel_pipeline.bundles import BUNDLE_FILES, build_manifest
+from sentinel_pipeline.bundles import BUNDLE_FILES, RECORD_FILES, build_manifest, records_dir, write_record
 from sentinel_pipeline.data.scalers import ClippedRobustScaler
 from sentinel_pipeline.training.checkpoints import load_best, save_best
 from sentinel_pipeline.training.engine import train
@@ -27,7 +27,6 @@ from sentinel_pipeline.verification import (
     DEFAULT_GATES,
     DEFAULT_MIN_DIRECTIONAL_T,
     DEFAULT_MIN_MSE_T,
-    POST_RELEASE_FILES,
     RECORD_NAME,
     BundleNotVerifiedError,
     QualityGates,
@@ -37,6 +36,7 @@ from sentinel_pipeline.verification import (
     verify_bundle,
     write_verification_record,
 )
+from sentinel_pipeline_tests.bundle_tamper import resign
 from sentinel_pipeline_tests.dataset_factory import make_contract
 from sentinel_pipeline_tests.training_fixtures import (
     GATE_BARS,
@@ -79,8 +79,11 @@ def _verify(bundle: Path, data: TrainingData, **kwargs: Any) -> VerificationRepo
 
 
 def _rewrite_manifest(bundle: Path) -> None:
-    """What a careless (or malicious) hand would do: make the manifest match the tampered files."""
+    """Make the manifest match the tampered files and re-sign it with the trusted key: the worst case
+    (the key holder, or a bug before signing), so that each later check is proven on its own.
+    Without the re-signing every one of these is refused by ``signature`` (test_bundle_trust.py)."""
     write_json_atomic(bundle / "manifest.json", build_manifest(bundle))
+    resign(bundle)
 
 
 def _edit_json(bundle: Path, name: str, edit: Any) -> None:
@@ -140,7 +143,7 @@ def test_missing_file_fails_files_present_and_skips_the_rest(bundle: Path, data:
     report = _verify(bundle, data)
     _assert_caught_by(report, "files_present", "loss_curve.png")
     assert report.check("manifest").detail == "skipped: needs files_present"
-    assert all(report.check(n).detail.startswith("skipped: needs") for n in CHECK_NAMES[1:])
+    assert all(report.check(n).detail.startswith("skipped: needs") for n in CHECK_NAMES[2:])
 
 
 def test_unexpected_extra_file_fails_files_present(bundle: Path, data: TrainingData) -> None:
@@ -148,16 +151,19 @@ def test_unexpected_extra_file_fails_files_present(bundle: Path, data: TrainingD
     _assert_caught_by(_verify(bundle, data), "files_present", "unexpected", "notes.txt")
 
 
-def test_post_release_records_are_allowed(bundle: Path, data: TrainingData) -> None:
-    for name in POST_RELEASE_FILES:
-        (bundle / name).write_text("{}")
+def test_records_are_allowed_only_in_their_own_area(bundle: Path, data: TrainingData) -> None:
+    for name in RECORD_FILES:
+        write_record(bundle, name, b"{}")
     report = _verify(bundle, data)
     assert report.passed, report.render()
+    assert "records/" in report.check("files_present").detail
 
 
 def test_not_a_directory_is_a_failed_check(tmp_path: Path, data: TrainingData) -> None:
     report = _verify(tmp_path / "nope", data)
-    _assert_caught_by(report, "files_present", "not a directory")
+    assert not report.passed
+    for name in ("signature", "files_present"):
+        assert "not a directory" in report.check(name).detail or "No such file" in report.check(name).detail
     assert report.manifest_digest is None
 
 
@@ -173,7 +179,7 @@ def test_one_changed_byte_in_the_weights_fails_the_manifest_before_any_unpicklin
     report = _verify(bundle, data)
     _assert_caught_by(report, "manifest", "model_best.pt", "sha256")
     assert unpickled == []
-    assert all(report.check(n).detail.startswith("skipped: needs") for n in CHECK_NAMES[2:])
+    assert all(report.check(n).detail.startswith("skipped: needs") for n in CHECK_NAMES[3:])
 
 
 # -- contract ----------------------------------------------------------------------------------
@@ -294,14 +300,40 @@ def test_checkpoint_with_extra_keys_fails(bundle: Path, data: TrainingData) -> N
 
 
 def test_scaler_with_other_dims_fails_scalers_load(bundle: Path, data: TrainingData) -> None:
-    width = len(data.contract.names("snap")) + 2
-    swapped = ClippedRobustScaler().fit(np.random.default_rng(0).normal(size=(50, width)))
-    swapped.feature_contract_hash_ = data.hash
-    joblib.dump(swapped, bundle / "snap_scaler.joblib")
+    info = json.loads((bundle / "scalers.json").read_text())
+    width = len(info["center"]["snap"]) + 2
+    info["center"]["snap"] += [0.0, 0.0]
+    (bundle / "scalers.json").write_text(json.dumps(info))
     _rewrite_manifest(bundle)
     report = _verify(bundle, data)
-    _assert_caught_by(report, "scalers_load", "snap_scaler.joblib", f"{width} snap features")
-    assert report.check("metrics_sane").passed and report.check("quality_gates").passed
+    _assert_caught_by(report, "scalers_load", "scalers.json", f"{width}/{width - 2} values")
+
+
+def test_a_planted_joblib_scaler_is_never_unpickled(bundle: Path, data: TrainingData) -> None:
+    """The joblib copies are for users: verification rebuilds the scalers from scalers.json."""
+    width = len(data.contract.names("snap")) + 2
+    swapped = ClippedRobustScaler().fit(np.random.default_rng(0).normal(size=(50, width)))
+    joblib.dump(swapped, bundle / "snap_scaler.joblib")
+    _rewrite_manifest(bundle)
+    report = _verify(bundle, data, scalers_dir=data.scalers_dir)
+    # the only trace: the bundle's file is not the data half's recorded when the bundle was written
+    _assert_caught_by(report, "scalers_load", "snap_scaler.joblib", "recorded when the bundle was written")
+
+
+def test_scalers_of_another_dataset_with_the_same_contract_fail_scalers_load(
+    bundle: Path, data: TrainingData
+) -> None:
+    """The issue's case: centres differing by up to 0.23, same contract, everything rewritten and
+    re-signed (and the recorded digests updated): the data half's scalers still tell them apart."""
+    info = json.loads((bundle / "scalers.json").read_text())
+    info["center"]["seq"] = [c + 0.23 * (i % 2) for i, c in enumerate(info["center"]["seq"])]
+    (bundle / "scalers.json").write_text(json.dumps(info))
+    digests = {n: hashlib.sha256((bundle / n).read_bytes()).hexdigest()
+               for n in ("scalers.json", "seq_scaler.joblib", "snap_scaler.joblib")}
+    _edit_json(bundle, "bundle_metadata.json", lambda m: m["data_half_scalers"].update(sha256=digests))
+    assert _verify(bundle, data).check("scalers_load").passed  # without the pipeline's paths: undetectable here
+    report = _verify(bundle, data, scalers_dir=data.scalers_dir)
+    _assert_caught_by(report, "scalers_load", "not the data half's", "seq center differs by up to 0.23")
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -461,7 +493,10 @@ def test_a_model_that_learned_nothing_fails_the_gates(bundle: Path, data: Traini
     save_best(bundle / "model_best.pt", fresh.state_dict(), ckpt["arch"], ckpt["epoch"], ckpt["val_loss"])
     _rewrite_manifest(bundle)
     report = _verify(bundle, data)
-    _assert_caught_by(report, "quality_gates", "FAIL directional_skill")
+    # the weights no longer give metrics.json's numbers (caught before the gates) ...
+    assert not report.check("metrics_reproduced").passed and "validation loss" in report.check("metrics_reproduced").detail
+    # ... and the gates, scored on their own, fail too
+    assert "FAIL directional_skill" in report.check("quality_gates").detail
     assert not _gate(report, "directional_skill")["passed"]
 
 
@@ -523,8 +558,9 @@ def test_require_verified_refuses_an_unverified_bundle(bundle: Path) -> None:
 def test_require_verified_accepts_a_verified_bundle(bundle: Path, data: TrainingData) -> None:
     report = _verify(bundle, data)
     path = write_verification_record(bundle, report)
-    assert path == bundle / RECORD_NAME
+    assert path == records_dir(bundle) / RECORD_NAME
     assert RECORD_NAME not in json.loads((bundle / "manifest.json").read_text())["files"]
+    assert RECORD_NAME in json.loads((records_dir(bundle) / "manifest.json").read_text())["files"]
     record = require_verified(bundle, expected_hash=data.hash)
     assert record["passed"] and record["manifest_digest"] == report.manifest_digest
     # the record is a post-release file: the bundle still verifies with it in place
@@ -548,9 +584,13 @@ def test_require_verified_refuses_a_failed_bundle(bundle: Path, data: TrainingDa
 def test_require_verified_refuses_a_hand_edited_record(bundle: Path, data: TrainingData) -> None:
     _edit_json(bundle, "metrics.json", lambda m: m["history"][0].update(val_loss=float("nan")))
     write_verification_record(bundle, _verify(bundle, data))
-    record = json.loads((bundle / RECORD_NAME).read_text())
+    record = json.loads((records_dir(bundle) / RECORD_NAME).read_text())
     record["passed"] = True
-    (bundle / RECORD_NAME).write_text(json.dumps(record))
+    (records_dir(bundle) / RECORD_NAME).write_text(json.dumps(record))
+    with pytest.raises(BundleNotVerifiedError, match="records/verification.json: sha256/size differ"):
+        require_verified(bundle)  # the records' own manifest no longer matches
+    # a forger who also rewrites the records manifest still gets a record that names the failed check
+    write_record(bundle, RECORD_NAME, json.dumps(record).encode())
     with pytest.raises(BundleNotVerifiedError, match="metrics_sane"):
         require_verified(bundle)
 
@@ -563,11 +603,18 @@ def test_require_verified_refuses_a_bundle_tampered_after_verification(
     raw = bytearray((bundle / "snap_scaler.joblib").read_bytes())
     raw[-3] ^= 0xFF
     (bundle / "snap_scaler.joblib").write_bytes(bytes(raw))
-    with pytest.raises(BundleNotVerifiedError, match="changed since verification.*snap_scaler.joblib"):
+    with pytest.raises(BundleNotVerifiedError, match="refused: snap_scaler.joblib: sha256"):
         require_verified(bundle)
-    _rewrite_manifest(bundle)  # covering the tracks: the manifest now matches, but it is not the verified one
-    with pytest.raises(BundleNotVerifiedError, match="manifest.json changed since verification"):
+    write_json_atomic(bundle / "manifest.json", build_manifest(bundle))  # covering the tracks, no key
+    with pytest.raises(BundleNotVerifiedError, match="signature in manifest.sig does not match"):
         require_verified(bundle)
+    _rewrite_manifest(bundle)  # even re-signed with the trusted key, it is not the verified manifest
+    with pytest.raises(BundleNotVerifiedError, match="records/manifest.json belongs to bundle manifest"):
+        require_verified(bundle)
+    # the digest from the Dagster event log is the anchor when given: the record is not consulted
+    shutil.rmtree(records_dir(bundle))
+    with pytest.raises(BundleNotVerifiedError, match="not the manifest that passed verification"):
+        require_verified(bundle, verified_manifest_sha256="0" * 64)
 
 
 def test_write_verification_record_refuses_a_report_of_another_bundle(
@@ -576,8 +623,8 @@ def test_write_verification_record_refuses_a_report_of_another_bundle(
     report = _verify(trained["seq_ctx_fusion"], data)
     with pytest.raises(ValueError, match="not for"):
         write_verification_record(bundle, report)
-    assert not (bundle / RECORD_NAME).exists()
+    assert not (records_dir(bundle) / RECORD_NAME).exists()
 
 
 def test_bundle_files_are_what_the_bundle_module_writes(bundle: Path) -> None:
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json"])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json", "manifest.sig"])

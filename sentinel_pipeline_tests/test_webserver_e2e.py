@@ -405,7 +405,7 @@ def test_materialize_all_through_the_webserver(tmp_path: Path) -> None:
         bundle = Path(_metadata(latest["metadataEntries"])["bundle_path"])
         assert bundle.is_dir() and bundle.parent == tmp_path / "models", bundle
         require_verified(bundle)  # raises unless verification.json passed and the manifest still holds
-        assert (bundle / "replay_report.json").is_file()  # the replay ran on this bundle
+        assert (bundle / "records" / "replay_report.json").is_file()  # the replay ran on this bundle
 
     assert not server.needed_sigkill, f"processes {server.survivors} ignored SIGTERM\n{server.log_tail()}"
     assert server.proc.returncode is not None

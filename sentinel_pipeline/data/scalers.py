@@ -11,10 +11,13 @@ rule), a group with zero features is the identity on an ``(N, 0)`` array.
 Leakage rule: only rows with ``split == "train"`` and ``feature_valid`` influence the fitted
 parameters; val/test rows (and invalid warm-up rows) are never looked at.
 
-Files (``save_scalers``/``load_scalers``): ``seq_scaler.joblib``, ``snap_scaler.joblib`` and
-``scalers.json`` (fit window, row count, feature names, contract hash, clip, quantile range, the
-fitted centre/scale per feature, sklearn version). ``load_scalers`` refuses files written for
-another feature contract.
+Files (``save_scalers``/``load_scalers``): ``scalers.json`` (fit window, row count, feature names,
+contract hash, clip, quantile range, the fitted centre/scale per feature, sklearn version) is the
+**source of truth**: :func:`load_scalers` rebuilds both scalers from it (plain JSON, no pickle: a file
+planted by someone who can write the directory cannot run code). ``seq_scaler.joblib`` and
+``snap_scaler.joblib`` are still written, for users who want a ready scikit-learn object; no code of
+this package unpickles them. ``load_scalers`` refuses files written for another feature contract and
+parameters that do not describe a valid scaler (wrong width, non-finite, scale <= 0).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sklearn.preprocessing import RobustScaler
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
 from sentinel_pipeline.data.feature_contract import ContractError, FeatureContract
 from sentinel_pipeline.data.raw_bars import iter_row_groups, read_parquet
+from sentinel_pipeline.signing import UnsafeFileError, read_regular
 
 SCALED_GROUPS: tuple[str, ...] = ("seq", "snap")
 DEFAULT_CLIP = 5.0
@@ -261,20 +265,75 @@ def save_scalers(directory: str | Path, fitted: FittedScalers) -> dict[str, Path
     return paths
 
 
+def scaler_from_info(info: dict[str, Any], group: str, where: str = INFO_FILE) -> ClippedRobustScaler:
+    """Rebuild one group's fitted scaler from the parameters in ``scalers.json`` (no pickle)."""
+    try:
+        names = list(info["feature_names"][group])
+        center = np.asarray(info["center"][group], dtype=np.float64)
+        scale = np.asarray(info["scale"][group], dtype=np.float64)
+        clip = float(info["clip"])
+        quantile_range = tuple(float(q) for q in info.get("quantile_range", QUANTILE_RANGE))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContractError(f"{where}: no valid {group} scaler parameters: {exc!r}") from exc
+    problems = []
+    if center.shape != (len(names),) or scale.shape != (len(names),):
+        problems.append(f"{group} centre/scale have {center.size}/{scale.size} values for {len(names)} features")
+    elif not (np.isfinite(center).all() and np.isfinite(scale).all() and (scale > 0).all()):
+        problems.append(f"{group} centre/scale are not finite with scale > 0")
+    if not (np.isfinite(clip) and clip > 0):
+        problems.append(f"clip {clip!r} is not a finite number > 0")
+    if problems:
+        raise ContractError(f"{where}: " + "; ".join(problems))
+    scaler = ClippedRobustScaler(quantile_range=quantile_range, clip=clip)
+    scaler.n_features_in_ = len(names)
+    scaler.center_ = center
+    scaler.scale_ = scale
+    scaler.feature_contract_hash_ = info.get("feature_contract_hash")
+    return scaler
+
+
+def read_scaler_info(path: str | Path) -> dict[str, Any]:
+    """``scalers.json`` as a dict (a regular file, not a symlink); ``ContractError`` naming it otherwise."""
+    path = Path(path)
+    try:
+        info = json.loads(read_regular(path, 64 << 20))
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ContractError(f"{path}: cannot read scaler info: {exc}") from exc
+    if not isinstance(info, dict):
+        raise ContractError(f"{path}: expected a JSON object")
+    return info
+
+
+def scaler_parameter_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """How two ``scalers.json`` contents differ in what scaling depends on (contract hash, feature
+    names, clip, quantile range, centre and scale per group); an empty list means they scale alike."""
+    out = []
+    for key in ("feature_contract_hash", "clip", "quantile_range", "feature_names"):
+        if a.get(key) != b.get(key):
+            out.append(f"{key} {a.get(key)!r} != {b.get(key)!r}")
+    for key in ("center", "scale"):
+        for group in SCALED_GROUPS:
+            x = np.asarray((a.get(key) or {}).get(group, []), dtype=np.float64)
+            y = np.asarray((b.get(key) or {}).get(group, []), dtype=np.float64)
+            if x.shape != y.shape:
+                out.append(f"{group} {key} has {x.size} vs {y.size} values")
+            elif not np.array_equal(x, y):
+                out.append(f"{group} {key} differs by up to {float(np.max(np.abs(x - y))):.6g}")
+    return out
+
+
 def load_scalers(
     directory: str | Path, expected_hash: str, contract: FeatureContract | None = None
 ) -> FittedScalers:
-    """Load scalers written by :func:`save_scalers`, refusing a contract hash other than ``expected_hash``.
+    """Rebuild the scalers written by :func:`save_scalers` from ``scalers.json`` (the joblib files are
+    never unpickled), refusing a contract hash other than ``expected_hash``.
 
-    The feature dimension of each scaler is checked against ``scalers.json`` and, when given,
-    against ``contract`` (whose hash must then also equal ``expected_hash``).
+    The feature names of each group are checked, when ``contract`` is given, against it (whose hash
+    must then also equal ``expected_hash``).
     """
     directory = Path(directory)
     info_path = directory / INFO_FILE
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ContractError(f"{info_path}: cannot read scaler info: {exc}") from exc
+    info = read_scaler_info(info_path)
     stated = info.get("feature_contract_hash")
     if stated != expected_hash:
         raise ContractError(f"{info_path}: scalers were fitted for feature contract {stated}, expected {expected_hash}")
@@ -282,26 +341,12 @@ def load_scalers(
         raise ContractError(f"contract passed to load_scalers has hash {contract.hash}, expected {expected_hash}")
     scalers: dict[str, ClippedRobustScaler] = {}
     for group in SCALED_GROUPS:
-        path = directory / SCALER_FILES[group]
-        try:
-            scaler = joblib.load(path)
-        except Exception as exc:  # joblib/pickle raise many types for a bad file
-            raise ContractError(f"{path}: cannot load scaler: {exc}") from exc
-        if not isinstance(scaler, ClippedRobustScaler):
-            raise ContractError(f"{path}: not a scaler written by save_scalers ({type(scaler).__name__})")
-        file_hash = getattr(scaler, "feature_contract_hash_", None)
-        if file_hash != expected_hash:
+        scaler = scaler_from_info(info, group, str(info_path))
+        names = info["feature_names"][group]
+        if contract is not None and list(names) != contract.names(group):
             raise ContractError(
-                f"{path}: scaler was fitted for feature contract {file_hash}, expected {expected_hash}"
+                f"{info_path}: {len(names)} {group} features {names} differ from contract {expected_hash}: "
+                f"{len(contract.names(group))} features {contract.names(group)}"
             )
-        names = info.get("feature_names", {}).get(group, [])
-        expected_dim = len(contract.names(group)) if contract is not None else len(names)
-        if scaler.n_features_in_ != expected_dim or len(names) != expected_dim:
-            raise ContractError(
-                f"{path}: scaler has {scaler.n_features_in_} {group} features, "
-                f"scalers.json lists {len(names)}, contract expects {expected_dim}"
-            )
-        if contract is not None and names != contract.names(group):
-            raise ContractError(f"{info_path}: {group} feature names differ from contract {expected_hash}")
         scalers[group] = scaler
     return FittedScalers(seq=scalers["seq"], snap=scalers["snap"], info=info)

@@ -1,8 +1,10 @@
 """The backtest stage: a verified bundle scored on the test split, backtested, compared with the previous
 verified bundle of its variant, and written to one output directory. Plain Python (no Dagster).
 
-:func:`run_backtest_stage` refuses a bundle whose verification did not pass (``require_verified``, which
-also re-checks the manifest), so neither the pipeline nor a script can backtest an unverified bundle.
+:func:`run_backtest_stage` refuses a bundle whose verification did not pass (``require_verified``: the
+signature of its manifest by a trusted key, its files, and either the manifest digest the caller got
+from Dagster's event log or the bundle's verification record), so neither the pipeline nor a script can
+backtest an unverified bundle. Nothing is unpickled: the bundle is read with ``load_bundle``.
 The bundle directory is only read: everything goes to ``out_dir`` (the pipeline's
 ``data/artifacts/backtest/<variant>/``), written as one directory that replaces the old one atomically:
 
@@ -36,7 +38,8 @@ from typing import Any
 import pandas as pd
 
 from sentinel_pipeline.atomic_io import atomic_dir, write_json_atomic
-from sentinel_pipeline.bundles import LoadedBundle, load_bundle, sha256_file
+from sentinel_pipeline.bundles import LoadedBundle, load_bundle
+from sentinel_pipeline.data.scalers import INFO_FILE, read_scaler_info, scaler_parameter_differences
 from sentinel_pipeline.data.split_arrays import SplitArrays
 from sentinel_pipeline.evaluation.backtest import (
     BacktestConfig,
@@ -143,17 +146,19 @@ def run_backtest_stage(
     previous_dir: str | Path | None = None,
     fingerprint: str | None = None,
     scalers_dir: str | Path | None = None,
+    verified_manifest_sha256: str | None = None,
 ) -> BacktestOutcome:
     """Backtest the verified bundle at ``bundle_dir`` on ``test_h5`` and write ``out_dir`` (see the module
     docstring). Raises ``BundleNotVerifiedError`` for a bundle whose verification does not hold.
     ``fingerprint``: recorded in ``out_dir/.stage.json`` with the outputs' digests (pipeline reuse).
     ``scalers_dir``: the scalers the splits were written with (default ``<artifacts>/scalers`` of the
     ``<artifacts>/hdf5/test.h5`` layout). Raises :class:`BacktestRefused` when the bundle has seen the
-    test window or expects other scalers."""
+    test window or expects other scalers. ``verified_manifest_sha256``: the manifest digest of the passing
+    verification from the Dagster event log (see ``verification.require_verified``)."""
     config = config or BacktestConfig()
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     scalers_dir = Path(scalers_dir) if scalers_dir is not None else Path(test_h5).parent.parent / "scalers"
-    require_verified(bundle_dir, expected_hash)
+    require_verified(bundle_dir, expected_hash, verified_manifest_sha256=verified_manifest_sha256)
     bundle = load_bundle(bundle_dir, expected_hash)
     test, _ = load_split_for_training(test_h5, expected_hash)
     val_cache: list[SplitArrays] = []
@@ -202,13 +207,18 @@ def run_backtest_stage(
 
 def scaler_problem(bundle_dir: str | Path, scalers_dir: str | Path) -> str | None:
     """Why the splits under ``scalers_dir``'s pipeline are not scaled as the bundle expects (None: they
-    are): the bundle's seq/snap scalers must be byte-identical to the ones that scaled the splits."""
-    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
-        mine, used = Path(bundle_dir) / name, Path(scalers_dir) / name
-        if not used.is_file():
-            return f"{used} (the scaler of the splits) is missing"
-        if sha256_file(mine) != sha256_file(used):
-            return f"its {name} differs from {used}, which scaled the test split"
+    are): the parameters in the bundle's ``scalers.json`` (what the model's inputs are scaled with;
+    plain JSON, never a pickle) must equal those of the scalers that scaled the splits."""
+    used = Path(scalers_dir) / INFO_FILE
+    if not used.is_file():
+        return f"{used} (the scalers of the splits) is missing"
+    try:
+        differences = scaler_parameter_differences(read_scaler_info(Path(bundle_dir) / INFO_FILE),
+                                                   read_scaler_info(used))
+    except ValueError as exc:
+        return str(exc)
+    if differences:
+        return f"its scalers differ from {used}, which scaled the test split: " + "; ".join(differences)
     return None
 
 

@@ -7,8 +7,9 @@ written into the bundle. Like replay, it never runs on a bundle whose latest ver
 
 - in the same run: the bundle's ``bundle_verified`` check is blocking, so a failure skips the backtest;
 - in a later run (UI or CLI): the asset reads the latest evaluation of that check from the Dagster
-  instance and the bundle's own ``verification.json`` (``require_verified``, which also re-checks the
-  manifest), and refuses, naming the failed check;
+  event log and refuses, naming the failed check, unless it passed; the manifest sha256 that
+  evaluation recorded is the trust anchor (``require_verified(..., verified_manifest_sha256=...)``:
+  signature, files, and the current manifest has exactly that digest), never a file in the bundle;
 - by automation: its automation condition requires every blocking check of its dependencies to pass.
 
 Unchanged inputs (same bundle and manifest, previous bundle, HDF5 splits, config and rules) reuse the
@@ -40,7 +41,7 @@ from sentinel_pipeline.orchestration.data_assets import hdf5_splits, upstream_fi
 from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.overview import verification_table
 from sentinel_pipeline.orchestration.replay_assets import (
-    dagster_verification_refusal,
+    dagster_verified_digest,
     previous_verified_bundle,
 )
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
@@ -179,18 +180,18 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
         # the latter's file sits beside the directory, which is replaced as a whole
         with bundle_lock(bundle, shared=True), exclusive_lock(backtest_dir(paths, variant).parent,
                                                               name=f".{variant}.lock"):
-            refusal = dagster_verification_refusal(context.instance, variant)
+            digest, refusal = dagster_verified_digest(context.instance, variant)
             if refusal is not None:
                 raise dg.Failure(description=f"backtest of {bundle.name} refused: {refusal}")
             expected = read_contract(paths.feature_contract).hash
             try:
-                record = require_verified(bundle, expected)
+                require_verified(bundle, expected, verified_manifest_sha256=digest)
             except BundleNotVerifiedError as exc:
                 raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
             previous = previous_verified_bundle(paths.models_dir, variant, bundle)
             fp = fingerprint(
                 stage="backtest", rules=BACKTEST_RULES_VERSION, bundle=bundle.name,
-                manifest=record.get("manifest_digest"), previous=previous.name if previous else None,
+                manifest=digest, previous=previous.name if previous else None,
                 hdf5=upstream_fingerprint(paths.hdf5_dir, "hdf5_splits"), config=config.model_dump(),
             )
             out = backtest_dir(paths, variant)
@@ -201,7 +202,7 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
                 try:
                     run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out,
                                        config.to_backtest_config(), previous_dir=previous, fingerprint=fp,
-                                       scalers_dir=paths.scalers_dir)
+                                       scalers_dir=paths.scalers_dir, verified_manifest_sha256=digest)
                 except (BundleNotVerifiedError, BacktestRefused) as exc:
                     raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
             report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))

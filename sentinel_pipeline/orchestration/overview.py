@@ -2,7 +2,8 @@
 
 Shown in ``variant_comparison``'s metadata next to the backtest comparison, so that one page answers
 "which variants are verified, by how much, and how did they trade". Read from each bundle's
-``verification.json`` (written by the ``bundle_verified`` check); a bundle without one says so.
+``records/verification.json`` (written by the ``bundle_verified`` check; information only, what replay
+and the backtest trust is the check evaluation in the event log); a bundle without one says so.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from sentinel_pipeline.bundles import list_bundles
+from sentinel_pipeline.bundles import list_bundles, records_dir
 from sentinel_pipeline.orchestration.metadata import md_table
 
 COLUMNS = ("variant", "bundle", "verified", "failed checks", "directional t (>= bound)", "other gates", "windows")
@@ -37,7 +38,7 @@ def verification_row(variant: str, bundle: Path | None) -> dict[str, Any]:
         return row
     row["bundle"] = bundle.name
     try:
-        record = json.loads((bundle / "verification.json").read_text(encoding="utf-8"))
+        record = json.loads((records_dir(bundle) / "verification.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         row["verified"] = "not verified yet"
         return row

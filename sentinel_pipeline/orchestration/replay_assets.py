@@ -3,13 +3,15 @@
 Replay never runs on a bundle whose latest verification did not pass:
 - in the same run: the bundle's ``bundle_verified`` check is blocking, so a failure skips replay;
 - in a later run (UI or CLI): the replay asset reads the latest evaluation of that check from the
-  Dagster instance and the bundle's own ``verification.json`` (``verification.require_verified``,
-  which also re-checks the manifest), and refuses, naming the failed check;
+  Dagster event log, refuses unless it passed on the current materialisation, and takes the
+  manifest sha256 that evaluation recorded (and that the materialisation recorded) as the trust
+  anchor: ``verification.require_verified(..., verified_manifest_sha256=...)`` checks the signature,
+  the files and that the bundle's current manifest has exactly that digest. Nothing inside the
+  bundle (no ``verification.json``) can vouch for it;
 - by automation: the asset's automation condition requires every blocking check of its
   dependencies to have passed.
 """
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,15 @@ import dagster as dg
 import pandas as pd
 
 from sentinel_pipeline.atomic_io import atomic_path
-from sentinel_pipeline.bundles import BundleError, list_bundles, load_bundle
+from sentinel_pipeline.bundles import BundleError, list_bundles, load_bundle, write_record
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.locking import bundle_lock
 from sentinel_pipeline.orchestration.bundle_checks import (
     CHECK_NAME,
+    MANIFEST_KEY,
     bundle_check_key,
     current_bundle,
-    latest_bundle_materialization,
+    latest_bundle_record,
 )
 from sentinel_pipeline.orchestration.data_assets import raw_bars
 from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
@@ -32,7 +35,7 @@ from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSetting
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.replay import ReplayConfig, feature_parity, replay_comparison, write_replay_outputs
 from sentinel_pipeline.training.models import VARIANTS
-from sentinel_pipeline.verification import BundleNotVerifiedError, require_verified
+from sentinel_pipeline.verification import require_verified
 
 REPLAY_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
@@ -61,20 +64,39 @@ def replay_dir(paths: Any, variant: str) -> Path:
 
 def dagster_verification_refusal(instance: dg.DagsterInstance, variant: str) -> str | None:
     """Why the Dagster record forbids replaying the current bundle of ``variant`` (None: it allows it)."""
+    return dagster_verified_digest(instance, variant)[1]
+
+
+def dagster_verified_digest(instance: dg.DagsterInstance, variant: str) -> tuple[str | None, str | None]:
+    """(manifest sha256 that the latest passing ``bundle_verified`` evaluation recorded, refusal).
+
+    Refused (digest None, refusal says why): never evaluated; the latest evaluation failed; it passed
+    on an older materialisation; it recorded no manifest digest (an evaluation from before digests were
+    recorded: re-run the check); or the materialisation recorded another manifest digest.
+    """
     key = bundle_check_key(variant)
+    asset = bundle_asset_key(variant).to_user_string()
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key]).get(key)
     if record is None or record.event is None or record.event.dagster_event is None:
-        return f"check '{CHECK_NAME}' of {bundle_asset_key(variant).to_user_string()} has never been evaluated"
+        return None, f"check '{CHECK_NAME}' of {asset} has never been evaluated"
     evaluation = record.event.dagster_event.event_specific_data
     if not getattr(evaluation, "passed", False):
-        return (f"latest evaluation of check '{CHECK_NAME}' on {bundle_asset_key(variant).to_user_string()} "
-                f"failed: {evaluation.description or record.status.value}")
-    _, storage_id = latest_bundle_materialization(instance, variant)
+        return None, (f"latest evaluation of check '{CHECK_NAME}' on {asset} "
+                      f"failed: {evaluation.description or record.status.value}")
+    _, storage_id, mat_digest = latest_bundle_record(instance, variant)
     target = getattr(evaluation, "target_materialization_data", None)
     if storage_id is not None and target is not None and target.storage_id != storage_id:
-        return (f"check '{CHECK_NAME}' last passed on an older materialisation of "
-                f"{bundle_asset_key(variant).to_user_string()}; the current bundle has not been verified")
-    return None
+        return None, (f"check '{CHECK_NAME}' last passed on an older materialisation of "
+                      f"{asset}; the current bundle has not been verified")
+    value = (getattr(evaluation, "metadata", None) or {}).get(MANIFEST_KEY)
+    digest = str(getattr(value, "value", value)) if value is not None else None
+    if not digest or digest == "unreadable":
+        return None, (f"the passing evaluation of check '{CHECK_NAME}' on {asset} recorded no manifest digest "
+                      "(it predates signed bundles): re-run the check")
+    if mat_digest is not None and mat_digest != digest:
+        return None, (f"check '{CHECK_NAME}' passed on manifest {digest[:12]}, but the materialisation of {asset} "
+                      f"recorded manifest {mat_digest[:12]}")
+    return digest, None
 
 
 def previous_verified_bundle(models_dir: Path, variant: str, current: Path) -> Path | None:
@@ -88,11 +110,6 @@ def previous_verified_bundle(models_dir: Path, variant: str, current: Path) -> P
         except BundleError:
             continue
     return None
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 def build_replay_asset(variant: str) -> dg.AssetsDefinition:
@@ -109,18 +126,18 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
     def _replay(context: dg.AssetExecutionContext, config: ReplayRunConfig, settings: PipelineSettings):
         paths = settings.paths()
         bundle = current_bundle(context.instance, paths, variant)
-        # shared lock on the bundle: its verification (exclusive) cannot run while replay reads it;
+        # shared lock on the bundle while it is read: its verification (exclusive) cannot run meanwhile;
         # another replay may (its outputs are written atomically)
         with bundle_lock(bundle, shared=True):
-            refusal = dagster_verification_refusal(context.instance, variant)
+            digest, refusal = dagster_verified_digest(context.instance, variant)
             if refusal is not None:
                 raise dg.Failure(description=f"replay of {bundle.name} refused: {refusal}")
             expected = read_contract(paths.feature_contract).hash
             try:
-                require_verified(bundle, expected)
-            except BundleNotVerifiedError as exc:
+                require_verified(bundle, expected, verified_manifest_sha256=digest)
+                current = load_bundle(bundle, expected)
+            except BundleError as exc:  # BundleNotVerifiedError included
                 raise dg.Failure(description=f"replay of {bundle.name} refused: {exc}") from exc
-            current = load_bundle(bundle, expected)
             prev_path = previous_verified_bundle(paths.models_dir, variant, bundle)
             previous = None
             if prev_path is not None:
@@ -134,8 +151,10 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
             files = write_replay_outputs(comparison, out)
             with atomic_path(out / "replay_features.parquet") as tmp:
                 comparison.current.raw_features.to_parquet(tmp, index=False)
-            _copy_atomic(files["report"], bundle / "replay_report.json")
-            _copy_atomic(files["equity_curves"], bundle / "replay_equity.png")
+        # the bundle's records (and their manifest) change: one writer at a time
+        with bundle_lock(bundle):
+            write_record(bundle, "replay_report.json", files["report"].read_bytes())
+            record = write_record(bundle, "replay_equity.png", files["equity_curves"].read_bytes())
 
         m = comparison.current.metrics
         table = comparison.table.reset_index()
@@ -153,7 +172,7 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
                                         "random baseline": comparison.current.baseline_equity_curve.tolist()},
                                        f"{variant}: replay equity"),
             "equity_curves": image(files["equity_curves"], f"{variant}: replay equity curves"),
-            "replay_report": dg.MetadataValue.path(str(bundle / "replay_report.json")),
+            "replay_report": dg.MetadataValue.path(str(record.with_name("replay_report.json"))),
             "window": f"{comparison.current.info.get('window_start')} .. {comparison.current.info.get('window_end')}",
         }
         return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None},

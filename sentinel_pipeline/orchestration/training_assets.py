@@ -10,6 +10,7 @@ from typing import Any
 
 import dagster as dg
 
+from sentinel_pipeline.bundles import manifest_sha256
 from sentinel_pipeline.orchestration.data_assets import arrow_cache, upstream_fingerprint
 from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.pipes_training import summarise
@@ -133,6 +134,7 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
         metadata.update({
             "bundle_path": dg.MetadataValue.path(str(bundle)),
             "bundle_name": bundle.name,
+            "manifest_sha256": manifest_sha256(bundle) or "unreadable",
             "val_vs_baseline": md_table(rows),
             "dataset": md_table([{"split": k, **v} for k, v in json.loads(str(raw.get("dataset_json", "{}"))).items()]),
             "input_fingerprint": fp[:16],
