@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 . "${VENV:-.venv}/bin/activate"
 work="${GATE_WORKDIR:-$(mktemp -d)}"
 export DAGSTER_HOME="$work/dagster_home" SENTINEL_DATA_DIR="$work/data" SENTINEL_MODELS_DIR="$work/models"
+# the gate's own signing key and trusted keys (generated on first use), not the user's
+export SENTINEL_SIGNING_KEY="$work/keys/signing_key.pem" SENTINEL_TRUSTED_KEYS="$work/keys/trusted_keys"
 # the checks below read Dagster's per-event lines (STEP_START, ASSET_CHECK_EVALUATION): log at DEBUG
 export SENTINEL_LOG_LEVEL=DEBUG
 mkdir -p "$DAGSTER_HOME"

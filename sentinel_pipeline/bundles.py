@@ -92,7 +92,7 @@ HASH_NAME = "feature_contract_hash.txt"
 # records written after release (verification, replay): in RECORDS_DIR with their own manifest, never
 # in the signed manifest and never loaded as part of the model
 RECORDS_DIR = "records"
-RECORD_FILES: tuple[str, ...] = ("verification.json", "replay_report.json", "replay_equity.png")
+RECORD_FILES: tuple[str, ...] = ("verification.json", "verification.sig", "replay_report.json", "replay_equity.png")
 RUN_FILES: tuple[str, ...] = (BEST_NAME, "metrics.json", "loss_curve.png", "train_log.txt", "train_config.json")
 SCALER_FILES: tuple[str, ...] = ("seq_scaler.joblib", "snap_scaler.joblib", "scalers.json")
 BUNDLE_FILES: tuple[str, ...] = (

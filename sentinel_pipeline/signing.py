@@ -247,6 +247,40 @@ def sign_manifest(bundle_dir: str | os.PathLike[str], key: Ed25519PrivateKey) ->
     return target
 
 
+def sign_bytes(data: bytes, key: Ed25519PrivateKey) -> bytes:
+    """A detached signature record (JSON bytes) of ``data``: algorithm, key id, sha256 and signature."""
+    record = {
+        "algorithm": "ed25519",
+        "key_id": key_id(key.public_key()),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "signature": base64.b64encode(key.sign(data)).decode("ascii"),
+    }
+    return (json.dumps(record, indent=2) + "\n").encode("utf-8")
+
+
+def verify_signed_bytes(
+    data: bytes, signature_record: bytes, what: str, trusted_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """Check a :func:`sign_bytes` record against ``data`` and the trusted keys; returns the signer's key id.
+    Raises :class:`SignatureError` naming ``what`` and the problem."""
+    try:
+        record = json.loads(signature_record)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SignatureError(f"{what}: unreadable signature record: {exc}") from exc
+    if not isinstance(record, dict) or record.get("algorithm") != "ed25519":
+        raise SignatureError(f"{what}: not an ed25519 signature record")
+    kid = str(record.get("key_id"))
+    keys = trusted_keys(trusted_dir)
+    if kid not in keys:
+        raise SignatureError(f"{what}: signed by key {kid}, which is not among the trusted keys in "
+                             f"{trusted_keys_dir(trusted_dir)} ({sorted(keys) or 'none'})")
+    try:
+        keys[kid].verify(base64.b64decode(str(record.get("signature")), validate=True), data)
+    except (ValueError, InvalidSignature) as exc:
+        raise SignatureError(f"{what}: the signature does not match (changed after signing)") from exc
+    return kid
+
+
 def verify_manifest_signature(
     bundle_dir: str | os.PathLike[str], trusted_dir: str | os.PathLike[str] | None = None
 ) -> tuple[bytes, str]:

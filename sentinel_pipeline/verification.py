@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -147,7 +148,7 @@ from sentinel_pipeline.data.scalers import (
     read_scaler_info,
     scaler_parameter_differences,
 )
-from sentinel_pipeline.signing import SignatureError
+from sentinel_pipeline.signing import SignatureError, load_signing_key, sign_bytes, verify_signed_bytes
 from sentinel_pipeline.training.checkpoints import BEST_NAME, load_best
 from sentinel_pipeline.training.data_loader import (
     WindowBatcher,
@@ -157,6 +158,8 @@ from sentinel_pipeline.training.data_loader import (
 from sentinel_pipeline.training.models import VARIANTS, VariantSpec, build_model, resolve_arch
 
 RECORD_NAME = "verification.json"
+RECORD_SIGNATURE_NAME = "verification.sig"
+log = logging.getLogger(__name__)
 assert RECORD_NAME in RECORD_FILES
 CHECK_NAMES: tuple[str, ...] = (
     "signature",
@@ -993,10 +996,16 @@ def verify_bundle(
 # -- verification records ---------------------------------------------------------------------
 
 
-def write_verification_record(bundle_dir: str | os.PathLike[str], report: VerificationReport) -> Path:
+def write_verification_record(
+    bundle_dir: str | os.PathLike[str],
+    report: VerificationReport,
+    *,
+    signing_key: str | os.PathLike[str] | None = None,
+) -> Path:
     """Write ``report`` as the bundle's ``records/verification.json`` (``bundles.write_record``: its own
     manifest, never the signed one); returns its path. Earlier records are kept, summarised, under
-    ``"previous"``."""
+    ``"previous"``. Where the signing key (``signing.load_signing_key``; never created here) is at hand,
+    ``records/verification.sig`` signs the record's bytes."""
     bundle_dir = Path(bundle_dir)
     if bundle_dir.resolve() != Path(report.bundle_dir).resolve():
         raise ValueError(f"report is for {report.bundle_dir}, not for {bundle_dir}")
@@ -1009,7 +1018,18 @@ def write_verification_record(bundle_dir: str | os.PathLike[str], report: Verifi
     except (OSError, ValueError, AttributeError, TypeError):  # absent, refused or malformed: start afresh
         previous = []
     data = json.dumps({**report.to_dict(), "previous": previous}, indent=2, allow_nan=False).encode("utf-8")
-    return write_record(bundle_dir, RECORD_NAME, data)
+    # signed by the key that signs bundles when it is at hand, so that plain Python (without the Dagster
+    # event log) can tell a record this side wrote from one forged by whoever can write models/
+    try:
+        key = load_signing_key(signing_key, create=False)
+    except (SignatureError, OSError) as exc:
+        key = None
+        log.warning("verification record of %s is not signed (%s): require_verified without a "
+                    "verified manifest digest will refuse this bundle", bundle_dir, exc)
+    path = write_record(bundle_dir, RECORD_NAME, data)
+    if key is not None:
+        write_record(bundle_dir, RECORD_SIGNATURE_NAME, sign_bytes(data, key))
+    return path
 
 
 def require_verified(
@@ -1030,10 +1050,10 @@ def require_verified(
     ``bundle_verified`` evaluation): the current manifest's sha256 must equal it; the bundle's own
     ``verification.json`` is not consulted. Returns ``{"manifest_digest", "source"}``.
 
-    Without it (plain Python, no Dagster): the bundle's ``records/verification.json`` must have passed
-    every check, for ``expected_hash`` (when given), on the current manifest. Returns that record.
-    Someone who can write ``models/`` can forge this record for a signed bundle that failed its
-    gates; where that matters, pass the digest from a record you keep elsewhere.
+    Without it (plain Python, no Dagster): the bundle's ``records/verification.json`` must be signed
+    (``records/verification.sig``) by a trusted key and have passed every check, for ``expected_hash``
+    (when given), on the current manifest. Returns that record. Someone who can write ``models/`` but
+    not the key cannot forge it.
     """
     bundle_dir = Path(bundle_dir)
     problems = trusted_bundle_problems(bundle_dir, trusted_keys, records=False)
@@ -1051,12 +1071,24 @@ def require_verified(
     if verified_manifest_sha256 is not None:
         return {"manifest_digest": digest, "source": "verified manifest digest"}
     try:
-        record = json.loads(read_record(bundle_dir, RECORD_NAME))
+        data = read_record(bundle_dir, RECORD_NAME)
+        signature = read_record(bundle_dir, RECORD_SIGNATURE_NAME) if os.path.lexists(
+            bundle_dir / RECORDS_DIR / RECORD_SIGNATURE_NAME) else None
+        if signature is not None:
+            verify_signed_bytes(data, signature, f"{bundle_dir}/{RECORDS_DIR}/{RECORD_NAME}", trusted_keys)
+        record = json.loads(data)
         report = VerificationReport.from_dict(record)
+    except SignatureError as exc:
+        raise BundleNotVerifiedError(f"verification record refused: {exc}") from exc
     except FileNotFoundError as exc:
         raise BundleNotVerifiedError(f"{bundle_dir}: bundle has not been verified (no {RECORDS_DIR}/{RECORD_NAME})") from exc
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BundleNotVerifiedError(f"{bundle_dir}: unreadable verification record {RECORD_NAME}: {exc}") from exc
+    if signature is None:
+        raise BundleNotVerifiedError(
+            f"{bundle_dir}: its verification record is not signed ({RECORDS_DIR}/{RECORD_SIGNATURE_NAME} is "
+            "missing): re-run verification where the signing key is at hand"
+        )
     failed = report.failed_checks
     if not report.passed or failed or [c.name for c in report.checks] != list(CHECK_NAMES):
         reasons = (

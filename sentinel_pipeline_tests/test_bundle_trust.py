@@ -428,3 +428,40 @@ def test_records_of_another_bundle_are_refused(bundle: Path, trained: Path, data
     with pytest.raises(BundleNotVerifiedError, match="records/manifest.json belongs to bundle manifest"):
         require_verified(bundle)
     shutil.rmtree(records_dir(trained))
+
+
+def test_a_forged_verification_record_is_refused_without_the_event_log(bundle: Path, data: TrainingData) -> None:
+    """Plain Python (no Dagster event log) trusts a verification record only when a trusted key signed it:
+    whoever can write ``models/`` can write a passing record for a bundle that failed its gates, but not
+    sign it."""
+    failing = _verify(bundle, data, gates={"mlp_two_head": {"min_directional_t": 1e9}})
+    assert not failing.passed and "quality_gates" in failing.failed_checks
+    write_verification_record(bundle, failing)  # signed with the trusted key: an honest failure
+    assert (records_dir(bundle) / "verification.sig").is_file()
+    with pytest.raises(BundleNotVerifiedError, match="failed verification"):
+        require_verified(bundle)
+
+    forged = json.loads((records_dir(bundle) / "verification.json").read_text())
+    forged.update(passed=True, failed_checks=[], checks=[{**c, "passed": True} for c in forged["checks"]])
+    forged_bytes = json.dumps(forged).encode()
+    write_record(bundle, "verification.json", forged_bytes)  # the old signature no longer matches
+    with pytest.raises(BundleNotVerifiedError, match="signature does not match"):
+        require_verified(bundle)
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    attacker_key = Ed25519PrivateKey.generate()
+    write_record(bundle, "verification.sig", signing.sign_bytes(forged_bytes, attacker_key))
+    with pytest.raises(BundleNotVerifiedError, match="not among the trusted keys"):
+        require_verified(bundle)
+
+    (records_dir(bundle) / "verification.sig").unlink()
+    write_record(bundle, "verification.json", forged_bytes)  # relists the records without the signature
+    with pytest.raises(BundleNotVerifiedError, match="not signed"):
+        require_verified(bundle)
+
+    # the trusted side's honest pass is accepted
+    passing = _verify(bundle, data)
+    assert passing.passed, passing.render()
+    write_verification_record(bundle, passing)
+    assert require_verified(bundle)["passed"] is True
