@@ -72,14 +72,12 @@ from sentinel_pipeline.data.feature_contract import (
     read_feature_schema,
 )
 from sentinel_pipeline.data.scalers import FittedScalers, load_scalers
+from sentinel_pipeline.safe_read import UnsafeFileError, read_regular, sha256_regular
 from sentinel_pipeline.signing import (
     MAX_SMALL_FILE,
     SIGNATURE_NAME,
     SignatureError,
-    UnsafeFileError,
     load_signing_key,
-    read_regular,
-    sha256_regular,
     sign_manifest,
     verify_manifest_signature,
 )

@@ -17,12 +17,12 @@ Where the keys live (all outside ``models/``; see the README's "Threat model"):
   ``$XDG_CONFIG_HOME/sentinel-pipeline/trusted_keys/``; every ``*.pub`` file in it (PEM) is trusted.
   When a key is generated its public half is added there, so a single-user setup works out of the
   box; a verifier on another machine copies the ``.pub`` file into its own directory
-  (``python -m sentinel_pipeline.signing trust FILE``).
+  (``python -m sentinel_pipeline.sign trust FILE``).
 
 ``manifest.sig`` is JSON: ``{"algorithm": "ed25519", "key_id": <16 hex: sha256 of the raw public key>,
 "manifest_sha256": <hex>, "signature": <base64>}``.
 
-CLI (``python -m sentinel_pipeline.signing``): ``keygen`` (create the key if absent, print its id and
+CLI (``python -m sentinel_pipeline.sign``, module :mod:`sentinel_pipeline.sign`): ``keygen`` (create the key if absent, print its id and
 public key file), ``show``, ``trust FILE`` (copy a public key into the trusted directory) and
 ``sign --bundle-dir DIR`` (re-sign an existing bundle whose files still match its manifest, e.g. one
 written before signing existed; only do this for bundles you trust, else retrain).
@@ -30,20 +30,19 @@ written before signing existed; only do this for bundles you trust, else retrain
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
 import os
 import stat
-import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sentinel_pipeline.safe_read import UnsafeFileError, read_regular
 
 SIGNATURE_NAME = "manifest.sig"
 MANIFEST_NAME = "manifest.json"
@@ -53,59 +52,13 @@ KEY_FILE = "signing_key.pem"
 TRUSTED_DIR = "trusted_keys"
 MAX_SMALL_FILE = 16 << 20  # manifest / signature / JSON records: refuse anything absurdly large
 RESIGN_HINT = (
-    "re-sign it with `python -m sentinel_pipeline.signing sign --bundle-dir <bundle>` if you trust its "
+    "re-sign it with `python -m sentinel_pipeline.sign sign --bundle-dir <bundle>` if you trust its "
     "contents (it must still match its manifest), or retrain it"
 )
 
 
 class SignatureError(ValueError):
     """A bundle's signature is missing, malformed, by an untrusted key, or does not match its manifest."""
-
-
-class UnsafeFileError(ValueError):
-    """A path that must be a regular file is a symlink, a directory, a device, ... (message names it)."""
-
-
-# -- safe reads ---------------------------------------------------------------------------------
-
-
-def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
-    """The bytes of ``path``, which must be a regular file and not a symlink (``O_NOFOLLOW``; the
-    type is checked on the opened descriptor, so a swap after a check cannot redirect the read)."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafeFileError(f"{path}: is a symlink; bundle files must be regular files") from exc
-        raise
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFileError(f"{path}: not a regular file")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise UnsafeFileError(f"{path}: {st.st_size} bytes, more than the {max_bytes} allowed")
-        return fh.read()
-
-
-def sha256_regular(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    """(sha256 hex, size) of a regular, non-symlink file (same rules as :func:`read_regular`)."""
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafeFileError(f"{path}: is a symlink; bundle files must be regular files") from exc
-        raise
-    h = hashlib.sha256()
-    size = 0
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise UnsafeFileError(f"{path}: not a regular file")
-        while block := fh.read(chunk):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
 
 
 # -- key locations --------------------------------------------------------------------------------
@@ -184,7 +137,7 @@ def load_signing_key(
     if not os.path.lexists(key_path):
         if not create:
             raise SignatureError(f"no signing key at {key_path} (set {KEY_ENV} or run `python -m "
-                                 "sentinel_pipeline.signing keygen`)")
+                                 "sentinel_pipeline.sign keygen`)")
         key_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         new = Ed25519PrivateKey.generate()
         pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -310,7 +263,7 @@ def verify_manifest_signature(
         raise SignatureError(
             f"{bundle_dir}: {MANIFEST_NAME} is signed by key {kid}, which is not among the trusted keys in "
             f"{trusted_keys_dir(trusted_dir)} ({sorted(keys) or 'none'}); add the training side's public key "
-            f"(`python -m sentinel_pipeline.signing trust FILE`) or retrain"
+            f"(`python -m sentinel_pipeline.sign trust FILE`) or retrain"
         )
     try:
         signature = base64.b64decode(str(record.get("signature")), validate=True)
@@ -319,53 +272,3 @@ def verify_manifest_signature(
         raise SignatureError(f"{bundle_dir}: the signature in {SIGNATURE_NAME} does not match {MANIFEST_NAME} "
                              f"(the manifest was changed after signing)") from exc
     return manifest, kid
-
-
-# -- CLI ------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sentinel_pipeline.signing", description=__doc__.split("\n\n")[0])
-    p.add_argument("--key", type=Path, help=f"private key file (default ${KEY_ENV} or {config_dir() / KEY_FILE})")
-    p.add_argument("--trusted-keys", type=Path, help=f"trusted keys directory (default ${TRUSTED_ENV} or "
-                   f"{config_dir() / TRUSTED_DIR})")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("keygen", help="create the signing key if absent; print its id and public key file")
-    sub.add_parser("show", help="print the signing key's id and the trusted key ids")
-    trust = sub.add_parser("trust", help="trust a public key file (PEM)")
-    trust.add_argument("file", type=Path)
-    sign = sub.add_parser("sign", help="re-sign a bundle whose files still match its manifest")
-    sign.add_argument("--bundle-dir", required=True, type=Path)
-    args = p.parse_args(argv)
-    try:
-        if args.command in ("keygen", "show"):
-            key = load_signing_key(args.key, create=args.command == "keygen", trusted_dir=args.trusted_keys)
-            print(f"signing key {signing_key_path(args.key)}: id {key_id(key.public_key())}")
-            print(f"trusted keys in {trusted_keys_dir(args.trusted_keys)}: {sorted(trusted_keys(args.trusted_keys))}")
-        elif args.command == "trust":
-            key = serialization.load_pem_public_key(read_regular(args.file, 1 << 16))
-            if not isinstance(key, Ed25519PublicKey):
-                p.error(f"{args.file}: not an ed25519 public key")
-            print(f"trusted {trust_public_key(key, args.trusted_keys)}")
-        else:
-            from sentinel_pipeline.bundles import check_manifest, entry_problems
-
-            problems = entry_problems(args.bundle_dir, require_signature=False) + check_manifest(args.bundle_dir)
-            if problems:
-                hint = ""
-                if any(n in p for p in problems for n in ("verification.json", "replay_report.json",
-                                                           "replay_equity.png", "replay_")):
-                    hint = (" (verification and replay records of the former layout sit at the top level of "
-                            "old bundles: they are stale; delete them, sign, then verify again)")
-                print(f"refusing to sign {args.bundle_dir}: " + "; ".join(problems) + hint, file=sys.stderr)
-                return 1
-            key = load_signing_key(args.key, trusted_dir=args.trusted_keys)
-            print(f"signed {sign_manifest(args.bundle_dir, key)} with key {key_id(key.public_key())}")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

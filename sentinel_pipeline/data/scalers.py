@@ -42,7 +42,7 @@ from sklearn.preprocessing import RobustScaler
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
 from sentinel_pipeline.data.feature_contract import ContractError, FeatureContract
 from sentinel_pipeline.data.raw_bars import iter_row_groups, read_parquet
-from sentinel_pipeline.signing import UnsafeFileError, read_regular
+from sentinel_pipeline.safe_read import UnsafeFileError, read_regular
 
 SCALED_GROUPS: tuple[str, ...] = ("seq", "snap")
 DEFAULT_CLIP = 5.0
