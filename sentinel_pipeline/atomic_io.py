@@ -169,7 +169,7 @@ def temp_writer(path: str | os.PathLike[str]) -> tuple[int, str] | None:
     return (int(m["pid"]), m["host"]) if m else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return True  # not a real writer pid: never treat it as gone
     try:
@@ -213,7 +213,7 @@ def sweep_stale_temps(directory: str | os.PathLike[str], *, recursive: bool = Fa
             if recursive and p.is_dir() and not p.is_symlink():
                 done += sweep_stale_temps(p, recursive=True)
             continue
-        if m["host"] != here or _pid_alive(int(m["pid"])):
+        if m["host"] != here or pid_alive(int(m["pid"])):
             continue
         target = p.with_name(m["name"])
         try:

@@ -37,6 +37,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from sentinel_pipeline.atomic_io import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCKS_DIRNAME = ".locks"
@@ -56,14 +58,6 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lock_holders(path: str | Path) -> list[str]:
@@ -79,7 +73,7 @@ def lock_holders(path: str | Path) -> list[str]:
         if len(parts) < 2 or not parts[0].isdigit():
             continue
         pid, host, mode = int(parts[0]), parts[1], parts[2] if len(parts) > 2 else "exclusive"
-        if host == here and not _pid_alive(pid):
+        if host == here and not pid_alive(pid):
             continue  # a shared holder that has gone (its line stays until the next exclusive holder)
         text = f"pid {pid} on {host} ({mode})"
         if text not in out:

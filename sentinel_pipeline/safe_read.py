@@ -17,16 +17,21 @@ class UnsafeFileError(ValueError):
     """A path that must be a regular file is a symlink, a directory, a device, ... (message names it)."""
 
 
-def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
-    """The bytes of ``path``, which must be a regular file and not a symlink (``O_NOFOLLOW``; the
-    type is checked on the opened descriptor, so a swap after a check cannot redirect the read)."""
-    path = Path(path)
+def _open_no_follow(path: Path) -> int:
+    """A read-only descriptor of ``path``; a symlink is refused (``O_NOFOLLOW``), a FIFO never blocks."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         if os.path.islink(path):
             raise UnsafeFileError(f"{path}: is a symlink; bundle files must be regular files") from exc
         raise
+
+
+def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file and not a symlink (``O_NOFOLLOW``; the
+    type is checked on the opened descriptor, so a swap after a check cannot redirect the read)."""
+    path = Path(path)
+    fd = _open_no_follow(path)
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -39,12 +44,7 @@ def read_regular(path: str | Path, max_bytes: int | None = None) -> bytes:
 def sha256_regular(path: str | Path, chunk: int = 1 << 20) -> tuple[str, int]:
     """(sha256 hex, size) of a regular, non-symlink file (same rules as :func:`read_regular`)."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafeFileError(f"{path}: is a symlink; bundle files must be regular files") from exc
-        raise
+    fd = _open_no_follow(path)
     h = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "rb") as fh:
