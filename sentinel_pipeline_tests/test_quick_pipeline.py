@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sentinel_pipeline.bundles import records_dir
+from sentinel_pipeline.bundles import list_bundles, records_dir
 from sentinel_pipeline.definitions import defs
 from sentinel_pipeline.orchestration import jobs
 from sentinel_pipeline_tests.test_presentation import long_floats
@@ -45,7 +45,7 @@ def test_quick_pipeline_verifies_replays_and_backtests_one_bundle(quick) -> None
     assert {f"bundle_{jobs.QUICK_VARIANT}", f"replay_{jobs.QUICK_VARIANT}", f"backtest_{jobs.QUICK_VARIANT}",
             "variant_comparison"} <= set(mats)
     assert not any(k.startswith(("bundle_seq", "bundle_transformer")) for k in mats)  # one variant only
-    bundles = list((root / jobs.QUICK_MODELS_DIR).iterdir())
+    bundles = list_bundles(root / jobs.QUICK_MODELS_DIR)
     assert len(bundles) == 1 and bundles[0].name.startswith(jobs.QUICK_VARIANT)
     verification = json.loads((records_dir(bundles[0]) / "verification.json").read_text())
     gates = {g["name"]: g for g in verification["gate_results"]}
