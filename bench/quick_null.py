@@ -46,7 +46,7 @@ def run_once(seed: int, signal: float) -> dict:
     return {"seed": seed, "signal": signal, "verified": bool(check.passed), "replayed": replayed,
             "failed_checks": record["failed_checks"],
             "directional_t": round(gates["directional_skill"]["value"], 2),
-            "mse_t": round(gates.get("mse_skill", {}).get("value", float("nan")), 2),
+            "mse_t": next((round(g["value"], 2) for n, g in gates.items() if n.startswith("mse_skill")), None),
             "windows": gates["directional_skill"]["n_windows"], "seconds": round(seconds, 1)}
 
 
