@@ -24,9 +24,21 @@ def _verdict(bundle: Path) -> str:
     latest = record.get("latest", record)
     passed = latest.get("passed")
     if passed:
+        from sentinel_pipeline.bundles import BundleError
+        from sentinel_pipeline.verification import require_verified
+
+        try:  # a record says PASS only as far as its signature and the bundle's own still hold
+            require_verified(bundle)
+        except BundleError as exc:
+            return f"verification record REFUSED: {str(exc).splitlines()[0][:300]}"
         return "verified: PASS"
     failed = [c["name"] for c in latest.get("checks", []) if not c.get("passed")]
     return f"verified: FAIL ({', '.join(failed)})"
+
+
+def _num(value: object) -> str:
+    """A number for reading (3 significant digits); anything else as it is."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _data_source_lines(paths: ArtifactPaths) -> list[str]:
@@ -72,7 +84,8 @@ def summarise(paths: ArtifactPaths) -> list[str]:
         extra = ""
         if replay.exists():
             m = json.loads(replay.read_text())["current"]["metrics"]
-            extra = f"; replay: {m.get('n_trades_created')} trades, hit rate {m.get('hit_rate')}, sharpe {m.get('sharpe')}"
+            extra = (f"; replay: {m.get('n_trades_created')} trades, hit rate {_num(m.get('hit_rate'))}, "
+                     f"sharpe {_num(m.get('sharpe'))}")
         lines.append(f"  {b.name}  [{_verdict(b)}{extra}]")
     lines += _backtests(paths.artifacts / "backtest")
     return lines

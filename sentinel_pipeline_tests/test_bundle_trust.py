@@ -465,3 +465,22 @@ def test_a_forged_verification_record_is_refused_without_the_event_log(bundle: P
     assert passing.passed, passing.render()
     write_verification_record(bundle, passing)
     assert require_verified(bundle)["passed"] is True
+
+
+def test_the_summary_says_pass_only_for_a_record_that_still_holds(
+    bundle: Path, data: TrainingData, tmp_path: Path
+) -> None:
+    from sentinel_pipeline.paths import ArtifactPaths
+    from sentinel_pipeline.summary import summarise
+
+    paths = ArtifactPaths(data_dir=tmp_path / "no-data", models_dir=bundle.parent)
+    report = _verify(bundle, data)
+    assert report.passed, report.render()
+    write_verification_record(bundle, report)
+    line = next(x for x in summarise(paths) if bundle.name in x)
+    assert "verified: PASS" in line
+    record = json.loads((records_dir(bundle) / "verification.json").read_text())
+    record["gate_results"] = []  # edited by someone without the key
+    write_record(bundle, "verification.json", json.dumps(record).encode())
+    line = next(x for x in summarise(paths) if bundle.name in x)
+    assert "verification record REFUSED" in line and "signature does not match" in line
