@@ -220,17 +220,27 @@ def verify_signed_bytes(
         record = json.loads(signature_record)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SignatureError(f"{what}: unreadable signature record: {exc}") from exc
+    return _check_signature(record, data, trusted_dir, record_name=what, data_name=what,
+                            mismatch=f"{what}: the signature does not match (changed after signing)")
+
+
+def _check_signature(
+    record: object, data: bytes, trusted_dir: str | os.PathLike[str] | None, *, record_name: str, data_name: str,
+    mismatch: str, untrusted_hint: str = "",
+) -> str:
+    """The one ed25519 check behind every signature: the record's form, a trusted key id, the signature
+    over ``data``. Returns the signer's key id; raises :class:`SignatureError` with the caller's names."""
     if not isinstance(record, dict) or record.get("algorithm") != "ed25519":
-        raise SignatureError(f"{what}: not an ed25519 signature record")
+        raise SignatureError(f"{record_name}: not an ed25519 signature record")
     kid = str(record.get("key_id"))
     keys = trusted_keys(trusted_dir)
     if kid not in keys:
-        raise SignatureError(f"{what}: signed by key {kid}, which is not among the trusted keys in "
-                             f"{trusted_keys_dir(trusted_dir)} ({sorted(keys) or 'none'})")
+        raise SignatureError(f"{data_name}: signed by key {kid}, which is not among the trusted keys in "
+                             f"{trusted_keys_dir(trusted_dir)} ({sorted(keys) or 'none'}){untrusted_hint}")
     try:
         keys[kid].verify(base64.b64decode(str(record.get("signature")), validate=True), data)
     except (ValueError, InvalidSignature) as exc:
-        raise SignatureError(f"{what}: the signature does not match (changed after signing)") from exc
+        raise SignatureError(mismatch) from exc
     return kid
 
 
@@ -255,20 +265,12 @@ def verify_manifest_signature(
         manifest = read_regular(manifest_path, MAX_SMALL_FILE)
     except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SignatureError(f"{bundle_dir}: cannot read {SIGNATURE_NAME} / {MANIFEST_NAME}: {exc}") from exc
-    if not isinstance(record, dict) or record.get("algorithm") != "ed25519":
-        raise SignatureError(f"{bundle_dir}: {SIGNATURE_NAME} is not an ed25519 signature record")
-    kid = str(record.get("key_id"))
-    keys = trusted_keys(trusted_dir)
-    if kid not in keys:
-        raise SignatureError(
-            f"{bundle_dir}: {MANIFEST_NAME} is signed by key {kid}, which is not among the trusted keys in "
-            f"{trusted_keys_dir(trusted_dir)} ({sorted(keys) or 'none'}); add the training side's public key "
-            f"(`python -m sentinel_pipeline.sign trust FILE`) or retrain"
-        )
-    try:
-        signature = base64.b64decode(str(record.get("signature")), validate=True)
-        keys[kid].verify(signature, manifest)
-    except (ValueError, InvalidSignature) as exc:
-        raise SignatureError(f"{bundle_dir}: the signature in {SIGNATURE_NAME} does not match {MANIFEST_NAME} "
-                             f"(the manifest was changed after signing)") from exc
+    kid = _check_signature(
+        record, manifest, trusted_dir, record_name=f"{bundle_dir}: {SIGNATURE_NAME}",
+        data_name=f"{bundle_dir}: {MANIFEST_NAME}",
+        mismatch=f"{bundle_dir}: the signature in {SIGNATURE_NAME} does not match {MANIFEST_NAME} "
+                 "(the manifest was changed after signing)",
+        untrusted_hint="; add the training side's public key (`python -m sentinel_pipeline.sign trust FILE`) "
+                       "or retrain",
+    )
     return manifest, kid
