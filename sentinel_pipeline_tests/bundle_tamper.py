@@ -7,7 +7,7 @@ import os
 import pickle
 from pathlib import Path
 
-from sentinel_pipeline.bundles import MANIFEST_NAME, build_manifest
+from sentinel_pipeline.bundles import MANIFEST_NAME, RECORD_FILES, build_manifest, sha256_file, write_record
 from sentinel_pipeline.signing import load_signing_key, sign_manifest
 
 
@@ -39,3 +39,18 @@ class Payload:
 
 def malicious_pickle(marker: Path) -> bytes:
     return pickle.dumps(Payload(marker))
+
+
+def plant_pickles_in_scalers_and_records(bundle: Path, marker: Path) -> None:
+    """A malicious pickle under both joblib names (the bundle metadata's scaler digests and the manifest
+    recomputed, as the attacker can) and under every record name (listed in a records manifest bound to
+    the rewritten bundle manifest). The signature is left as it was (now invalid): :func:`resign` next
+    for the worst case."""
+    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
+        (bundle / name).write_bytes(malicious_pickle(marker))
+    meta = json.loads((bundle / "bundle_metadata.json").read_text())
+    meta["data_half_scalers"]["sha256"] = {n: sha256_file(bundle / n) for n in meta["data_half_scalers"]["sha256"]}
+    (bundle / "bundle_metadata.json").write_text(json.dumps(meta))
+    rewrite_manifest(bundle)
+    for name in RECORD_FILES:
+        write_record(bundle, name, malicious_pickle(marker))

@@ -47,7 +47,13 @@ from sentinel_pipeline.verification import (
     verify_bundle,
     write_verification_record,
 )
-from sentinel_pipeline_tests.bundle_tamper import malicious_pickle, resign, rewrite_manifest, sign_untrusted
+from sentinel_pipeline_tests.bundle_tamper import (
+    malicious_pickle,
+    plant_pickles_in_scalers_and_records,
+    resign,
+    rewrite_manifest,
+    sign_untrusted,
+)
 from sentinel_pipeline_tests.training_fixtures import (
     GATE_BARS,
     TrainingData,
@@ -294,14 +300,7 @@ def test_malicious_pickles_through_the_cli_and_the_backtest(
     bundle: Path, data: TrainingData, tmp_path: Path
 ) -> None:
     marker = tmp_path / "pwned"
-    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
-        (bundle / name).write_bytes(malicious_pickle(marker))
-    meta = json.loads((bundle / "bundle_metadata.json").read_text())
-    meta["data_half_scalers"]["sha256"] = {n: sha256_file(bundle / n) for n in meta["data_half_scalers"]["sha256"]}
-    (bundle / "bundle_metadata.json").write_text(json.dumps(meta))
-    rewrite_manifest(bundle)
-    for name in RECORD_FILES:  # listed in a records manifest bound to the rewritten bundle manifest
-        write_record(bundle, name, malicious_pickle(marker))
+    plant_pickles_in_scalers_and_records(bundle, marker)
 
     def cli() -> subprocess.CompletedProcess[str]:
         return subprocess.run(

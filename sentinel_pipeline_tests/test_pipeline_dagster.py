@@ -38,7 +38,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from sentinel_pipeline.bundles import RECORD_FILES, manifest_sha256, records_dir, sha256_file, write_record
+from sentinel_pipeline.bundles import manifest_sha256, records_dir, write_record
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, generate_synthetic_market
 from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
@@ -49,7 +49,10 @@ from sentinel_pipeline.paths import SPLITS
 from sentinel_pipeline.stage_cache import read_record
 from sentinel_pipeline.training.models import VARIANTS
 from sentinel_pipeline.verification import CHECK_NAMES
-from sentinel_pipeline_tests.bundle_tamper import malicious_pickle, resign
+from sentinel_pipeline_tests.bundle_tamper import (
+    plant_pickles_in_scalers_and_records,
+    resign,
+)
 from sentinel_pipeline_tests.pipeline_fixtures import (
     DATA_STAGES,
     SMALL_MARKET,
@@ -61,7 +64,6 @@ from sentinel_pipeline_tests.pipeline_fixtures import (
     materializations,
     raw_metadata,
     restore,
-    rewrite_manifest,
     started_steps,
     step_failures,
     swap_contract,
@@ -261,15 +263,10 @@ def test_each_bundle_is_verified_replayed_and_backtested_before_the_next_variant
 
 
 def test_metadata_of_the_full_run_is_rounded_for_reading(good: Good) -> None:
-    from sentinel_pipeline_tests.test_presentation import long_floats
+    from sentinel_pipeline_tests.test_presentation import long_floats_of_run
 
     result = good.built.result
-    found: list[str] = []
-    for e in result.get_asset_materialization_events():
-        found += long_floats(dict(e.materialization.metadata), f"{e.materialization.asset_key.to_user_string()}:")
-    for e in result.get_asset_check_evaluations():
-        found += long_floats(dict(e.metadata), f"{e.asset_key.to_user_string()}:{e.check_name}:")
-    assert found == []
+    assert long_floats_of_run(result) == []
 
 
 # -- 2. nightly rerun: reuse when nothing changed, rebuild when the raw data did --------------------
@@ -421,14 +418,7 @@ def test_planted_pickles_run_nothing_through_the_bundle_check_and_replay(good: G
     variant = "mlp_two_head"
     bundle = bundle_of(good.built.result, variant)
     marker = tmp_path / "pwned"
-    for name in ("seq_scaler.joblib", "snap_scaler.joblib"):
-        (bundle / name).write_bytes(malicious_pickle(marker))
-    meta = json.loads((bundle / "bundle_metadata.json").read_text())
-    meta["data_half_scalers"]["sha256"] = {n: sha256_file(bundle / n) for n in meta["data_half_scalers"]["sha256"]}
-    (bundle / "bundle_metadata.json").write_text(json.dumps(meta))
-    rewrite_manifest(bundle)
-    for name in RECORD_FILES:  # listed in a records manifest bound to the rewritten bundle manifest
-        write_record(bundle, name, malicious_pickle(marker))
+    plant_pickles_in_scalers_and_records(bundle, marker)
     selection = [bundle_asset_key(variant), replay_asset_key(variant)]
 
     forged = home.run(instance, selection=selection)

@@ -55,6 +55,16 @@ def long_floats(metadata: dict, where: str = "") -> list[str]:
     return out
 
 
+def long_floats_of_run(result: dg.ExecuteInProcessResult) -> list[str]:
+    """:func:`long_floats` over every materialisation and check evaluation of a run."""
+    found: list[str] = []
+    for e in result.get_asset_materialization_events():
+        found += long_floats(dict(e.materialization.metadata), f"{e.materialization.asset_key.to_user_string()}:")
+    for e in result.get_asset_check_evaluations():
+        found += long_floats(dict(e.metadata), f"{e.asset_key.to_user_string()}:{e.check_name}:")
+    return found
+
+
 def test_floats_are_rounded_for_reading_integer_digits_kept() -> None:
     assert round_float(63.209291190000044) == 63.21
     assert round_float(0.000123456789) == 0.0001235

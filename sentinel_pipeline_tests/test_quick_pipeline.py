@@ -14,7 +14,7 @@ import pytest
 from sentinel_pipeline.bundles import list_bundles, records_dir
 from sentinel_pipeline.definitions import defs
 from sentinel_pipeline.orchestration import jobs
-from sentinel_pipeline_tests.test_presentation import long_floats
+from sentinel_pipeline_tests.test_presentation import long_floats_of_run
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,5 @@ def test_quick_pipeline_verifies_replays_and_backtests_one_bundle(quick) -> None
 
 def test_no_metadata_float_has_more_than_4_significant_digits(quick) -> None:
     _, result, _ = quick
-    found: list[str] = []
-    for e in result.get_asset_materialization_events():
-        found += long_floats(dict(e.materialization.metadata), f"{e.materialization.asset_key.to_user_string()}:")
-    for e in result.get_asset_check_evaluations():
-        found += long_floats(dict(e.metadata), f"{e.asset_key.to_user_string()}:{e.check_name}:")
-    assert found == []
+    assert long_floats_of_run(result) == []
 
