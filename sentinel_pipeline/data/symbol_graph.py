@@ -39,7 +39,7 @@ Files of the stage folder (``<artifacts>/symbol_graph``):
 - ``node_features.parquet``: one row per bar (date and symbol) of the labelled dataset; the node inputs
   are *referenced*, not copied: ``row`` (row of ``features.parquet``/``dataset.parquet``), ``split`` and
   ``split_row`` (row of that split's HDF5/Arrow arrays, which hold the scaled contract features; -1 for
-  none), ``sample_ok``, ``symbol_idx`` (index into the splits' ``symbols``), ``degree`` (in-degree in the
+  none), ``eligible`` (the split row is a sample end: a node of the day batches), ``symbol_idx`` (index into the splits' ``symbols``), ``degree`` (in-degree in the
   version in force that day), ``version`` (-1: none), ``sector`` (code into ``graph.json``'s sector list,
   -1: none).
 - ``graph.json``: params, counts, degree stats, ``edges_sha256`` (of the edges file) and ``graph_hash``
@@ -484,7 +484,7 @@ def strongest_clusters(edges: EdgeSet, symbols: list[str], sector_codes: np.ndar
 
 
 def _read_inputs(paths: ArtifactPaths, cfg: GraphConfig) -> pd.DataFrame:
-    """symbol, timestamp, the return source column, split and sample_ok of every dataset row."""
+    """symbol, timestamp, the return source column and split of every dataset row."""
     source = "close" if cfg.returns == "log_close" else cfg.returns
     dataset = paths.labelled_dataset
     if not dataset.is_file():
@@ -493,20 +493,21 @@ def _read_inputs(paths: ArtifactPaths, cfg: GraphConfig) -> pd.DataFrame:
     if source not in names:
         raise ValueError(f"{dataset}: has no column {source!r} for the graph's returns (GraphConfig.returns)")
     frame = raw_bars.read_parquet(dataset, ["symbol", "timestamp", source])
-    assignment = raw_bars.read_parquet(paths.split_assignment, ["split", "sample_ok"])
+    assignment = raw_bars.read_parquet(paths.split_assignment, ["split"])
     if len(assignment) != len(frame):
         raise ValueError(f"{paths.split_assignment}: {len(assignment)} rows, the dataset {dataset} has {len(frame)}")
     frame["split"] = assignment["split"].to_numpy()
-    frame["sample_ok"] = assignment["sample_ok"].to_numpy(dtype=bool)
     return frame.rename(columns={source: "value"})
 
 
 def _split_rows(paths: ArtifactPaths, sym: np.ndarray, trank: np.ndarray, split: np.ndarray, symbols: list[str],
-                times: np.ndarray, contract_hash: str) -> np.ndarray:
-    """Per dataset row, its row in its split's HDF5/Arrow arrays (-1 when the split does not hold it)."""
+                times: np.ndarray, contract_hash: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per dataset row, its row in its split's HDF5/Arrow arrays (-1 when the split does not hold it) and
+    whether that row is one of the split's sample ends (an eligible node)."""
     from sentinel_pipeline.data.hdf5_splits import map_split
 
     out = np.full(sym.size, -1, np.int64)
+    eligible = np.zeros(sym.size, bool)
     n_t = np.int64(times.size)
     for s in SPLITS:
         arrays = map_split(paths.h5(s), contract_hash)
@@ -519,7 +520,8 @@ def _split_rows(paths: ArtifactPaths, sym: np.ndarray, trank: np.ndarray, split:
         pos = np.searchsorted(key, want)
         hit = (pos < key.size) & (key[np.minimum(pos, key.size - 1)] == want)
         out[mine[hit]] = pos[hit]
-    return out
+        eligible[mine[hit]] = np.isin(pos[hit], arrays.sample_end_rows)
+    return out, eligible
 
 
 def write_graph_files(
@@ -595,14 +597,15 @@ def build_symbol_graph(paths: ArtifactPaths, cfg: GraphConfig, out_dir: str | Pa
     for v, (_, e) in enumerate(versions):
         deg[v] = np.bincount(_merged_pairs(e, len(symbols))[1], minlength=len(symbols))
     degree = np.where(version >= 0, deg[np.maximum(version, 0), sym], 0).astype(np.int32)
+    split_row, eligible = _split_rows(paths, sym, trank, split, symbols, times, contract.hash)
     nodes = pd.DataFrame({
         "timestamp": pd.DatetimeIndex(frame["timestamp"]).tz_convert("UTC").as_unit("ns"),
         "symbol": frame["symbol"].astype(str).to_numpy(),
         "symbol_idx": sym.astype(np.int32),
         "row": np.arange(len(frame), dtype=np.int64),
         "split": split,
-        "split_row": _split_rows(paths, sym, trank, split, symbols, times, contract.hash),
-        "sample_ok": frame["sample_ok"].to_numpy(dtype=bool),
+        "split_row": split_row,
+        "eligible": eligible,
         "version": version.astype(np.int32),
         "degree": degree,
         "sector": codes[sym].astype(np.int32),
@@ -642,7 +645,10 @@ def _iso(ns: int) -> str:
 def graph_fingerprint(paths: ArtifactPaths, cfg: GraphConfig) -> str:
     """The graph stage's input fingerprint: its config (with the sector file's sha256), the contract's
     digest and the content digests of the upstream files it reads (``stage_cache.upstream_state``, which
-    refuses an upstream changed after its build or whose last run failed)."""
+    refuses an upstream changed after its build or whose last run failed, as does a failed stage further up)."""
+    from sentinel_pipeline.data_half import check_ancestors
+
+    check_ancestors("hdf5_splits", paths)
     if not paths.feature_contract.is_file():
         raise StageInputError(f"{paths.feature_contract}: the feature contract is missing; build feature_contract first")
     sector = None
