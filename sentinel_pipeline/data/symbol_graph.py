@@ -755,6 +755,7 @@ class SymbolGraph:
             e = EdgeSet(src[sel], tgt[sel], weight[sel], kind[sel], corr[sel])
             self._versions.append(_merged_pairs(e, len(self.symbols)))
         self._mapped: dict[tuple[str, ...], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self._last: tuple[Any, Any] = (None, None)
 
     @classmethod
     def load(cls, directory: str | Path, expected_contract_hash: str | None = None) -> SymbolGraph:
@@ -808,6 +809,8 @@ class SymbolGraph:
         return int(np.searchsorted(self.as_of, np.int64(timestamp_ns), side="left")) - 1
 
     def _in_split_space(self, symbols: list[str] | tuple[str, ...]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        if symbols is self._last[0]:  # the same list object as the last call (a batcher's split): no hashing
+            return self._last[1]
         key = tuple(symbols)
         hit = self._mapped.get(key)
         if hit is None:
@@ -819,6 +822,7 @@ class SymbolGraph:
                 keep = (s_idx >= 0) & (t_idx >= 0)
                 hit.append((s_idx[keep], t_idx[keep], w[keep]))
             self._mapped[key] = hit
+        self._last = (symbols, hit)
         return hit
 
     def edges_for_day(
