@@ -4,6 +4,8 @@ inside one symbol, per-day local edges, and the instrument-major layout that bre
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,6 +108,21 @@ def test_keys_select_the_feature_groups():
             "edge_weight"} <= set(batch)
     with pytest.raises(ValueError, match="unknown batch keys"):
         DayBatcher(panel_split(), seq_len=3, keys=("seq", "labels"))
+    assert set(DayBatcher(panel_split(), seq_len=3, keys=("seq", "targets")).batch(0)) == set(batch)
+
+
+def test_memory_per_batch_is_the_batch_not_the_split():
+    split = panel_split(n_symbols=40, n_days=400, seq_len=30, n_feat=8)
+    b = DayBatcher(split, seq_len=30, keys=("seq",))
+    b.batch(0)  # warm up
+    tracemalloc.start()
+    batch = b.batch(len(b) // 2)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    window = batch["seq"].numel() * 4
+    all_windows = split.n_samples * 30 * 8 * 4
+    assert window <= 40 * 30 * 8 * 4 and all_windows > 300 * window
+    assert peak < 3 * window + 256 * 1024  # the window, its index matrix and small arrays; never N x L x F
 
 
 def test_day_order_is_seeded_in_train_and_chronological_otherwise():

@@ -82,7 +82,7 @@ def symbol_graph(context: dg.AssetExecutionContext, config: SymbolGraphConfig, s
     (or point-in-time versions), optional sector edges; node_features.parquet, edges_static.parquet, graph.json."""
     paths = settings.paths()
     try:
-        summary = run_symbol_graph(paths, config.to_config())
+        summary = run_symbol_graph(paths, config.to_config())  # GraphConfig checks its values (ValueError)
     except (StageInputError, GraphFileError, ValueError) as exc:
         raise dg.Failure(description=f"symbol_graph: {exc}") from exc
     folder = graph_dir(paths)

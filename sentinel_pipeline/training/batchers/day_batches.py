@@ -102,7 +102,7 @@ class DayBatcher:
             raise ValueError(f"min_symbols must be >= 1, got {min_symbols}")
         if limit_days is not None and limit_days < 0:
             raise ValueError(f"limit_days must be >= 0, got {limit_days}")
-        unknown = [k for k in keys if k not in FEATURE_KEYS]
+        unknown = [k for k in keys if k not in FEATURE_KEYS and k not in ALWAYS_KEYS]
         if unknown:
             raise ValueError(f"unknown batch keys {unknown}; feature keys are {list(FEATURE_KEYS)} (always present: "
                              f"{list(ALWAYS_KEYS)})")
