@@ -465,3 +465,13 @@ def test_real_bars(shared_data_dir, name: str) -> None:
     cut = bars["timestamp"].iloc[len(bars) // 2]
     part = compute_features(bars[bars["timestamp"] <= cut].reset_index(drop=True))
     assert_frames_identical(part, frame.iloc[: len(part)], COMPUTED)
+
+
+@pytest.mark.parametrize("config", [DAILY, daily_feature_config(context_features=False, seq_len=20),
+                                    daily_feature_config(xs_rank_return_lags=(5, 120), xs_rank_rv_window=10,
+                                                         xs_rank_volume_z_window=30)])
+def test_daily_contracts_rebuild_their_config_for_replay(config: FeatureConfig) -> None:
+    from sentinel_pipeline.replay.feature_config import feature_config_from_contract
+
+    contract = build_contract(config)
+    assert feature_config_from_contract(contract) == config
