@@ -117,6 +117,10 @@ def test_without_a_raw_path_the_panel_preset_reads_the_synthetic_panel_and_says_
     assert describe_panel(SMALL_PANEL).startswith("synthetic panel")
     assert any("SYNTHETIC DATA" in m and "synthetic panel" in m for m in logs)
     assert sorted(p.name for p in landing.iterdir()) == ["intraday.parquet"]
+    from sentinel_pipeline.summary import summarise
+
+    text = "\n".join(summarise(paths))
+    assert f"data source  {describe_panel(SMALL_PANEL)}" in text and "built from the synthetic panel, not real" in text
 
 
 def test_cli_preset_panel_with_a_raw_file(shared_folder, tmp_path, capsys) -> None:
