@@ -765,14 +765,27 @@ def cross_sectional_rank(values: np.ndarray, group_codes: np.ndarray) -> np.ndar
     """
     values = np.asarray(values)
     out = np.full(values.shape, np.nan, dtype=np.float32)
-    ok = np.isfinite(values)
-    if not ok.any():
+    ok = np.flatnonzero(np.isfinite(values))
+    if not ok.size:
         return out
-    codes = np.asarray(group_codes)[ok]
-    r = pd.Series(values[ok]).groupby(codes, sort=False).rank(method="average").to_numpy(dtype=np.float64)
-    m = np.bincount(codes)[codes].astype(np.float64)
+    codes = np.asarray(group_codes, dtype=np.int64)[ok]
+    x = values[ok]
+    # one stable sort by (group, value) instead of a groupby: the rank of a run of equal values in a
+    # group is the mean of its 1-based positions in the group (what pandas' rank(method="average") gives)
+    order = np.lexsort((x, codes))
+    cs, xs = codes[order], x[order]
+    n = cs.size
+    new_group = np.r_[True, cs[1:] != cs[:-1]]
+    new_run = new_group | np.r_[True, xs[1:] != xs[:-1]]
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    run_id = np.cumsum(new_run) - 1
+    run_first = np.flatnonzero(new_run)
+    run_last = np.r_[run_first[1:], n] - 1
+    rank = (run_first + run_last)[run_id] / 2.0 - group_start + 1.0  # 1-based, ties averaged
+    group_size = np.bincount(cs)[cs].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[ok] = np.where(m > 1, 2.0 * (r - 1.0) / (m - 1.0) - 1.0, 0.0)
+        scaled = np.where(group_size > 1, 2.0 * (rank - 1.0) / (group_size - 1.0) - 1.0, 0.0)
+    out[ok[order]] = scaled
     return out
 
 
