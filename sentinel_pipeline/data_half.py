@@ -183,6 +183,11 @@ def resolve_raw_input(paths: ArtifactPaths, cfg: DataHalfConfig) -> RawInput:
         if paths.raw_dir.is_file():
             return RawInput(files, False, f"raw file: {paths.raw_dir}", paths.raw_dir.parent)
         return RawInput(files, False, f"raw files: {len(files)} file(s) in {paths.raw_dir}", paths.raw_dir)
+    if cfg.synthetic_panel is not None:  # a raw path was given for the panel: never fall back to another market
+        raise raw_bars.RawDataError(
+            f"{paths.raw_dir}: no *.parquet or *.csv files at the raw path given to the {cfg.preset} preset (give a "
+            f"file or a folder of bars, or no raw path for the synthetic panel)"
+        )
     if not cfg.generate_default_when_empty:
         raise raw_bars.RawDataError(
             f"{paths.raw_dir}: no *.parquet or *.csv files in the raw data folder (and the synthetic default is off)"

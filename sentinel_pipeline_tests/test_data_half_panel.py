@@ -132,6 +132,11 @@ def test_cli_preset_panel_with_a_raw_file(shared_folder, tmp_path, capsys) -> No
     rc = main(["--preset", "panel", "--data-dir", str(tmp_path / "e"), "--raw", str(shared_folder / "notes.txt")])
     err = capsys.readouterr().err
     assert rc == 1 and "notes.txt" in err and "parquet" in err
+    # an empty folder given as the raw path: refused (never the intraday synthetic market instead)
+    (tmp_path / "empty").mkdir()
+    rc = main(["--preset", "panel", "--data-dir", str(tmp_path / "g"), "--raw", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no *.parquet or *.csv files at the raw path" in err and not (tmp_path / "g/synthetic").exists()
     # no raw path and no synthetic panel: refused, saying what to give
     rc = main(["--preset", "panel", "--data-dir", str(tmp_path / "f"), "--no-synthetic-default"])
     err = capsys.readouterr().err
