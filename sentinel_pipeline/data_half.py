@@ -64,6 +64,7 @@ from sentinel_pipeline.data.synthetic_panel import (
     SyntheticPanelConfig,
     describe_panel,
     ensure_synthetic_panel,
+    panel_sector_file,
 )
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 from sentinel_pipeline.stage_cache import (
@@ -122,6 +123,14 @@ PRESETS: dict[str, Callable[..., DataHalfConfig]] = {"default": DataHalfConfig, 
 def synthetic_panel_dir(paths: ArtifactPaths) -> Path:
     """Where the panel preset generates its synthetic panel (never a raw landing zone)."""
     return paths.data_dir / "synthetic_panel"
+
+
+def synthetic_panel_sector_file(paths: ArtifactPaths, cfg: DataHalfConfig) -> Path | None:
+    """The ``symbol, sector`` CSV of the synthetic panel when it is the raw input (the panel preset without
+    a raw path; e.g. for the symbol graph's sector edges), else None. Written with the panel."""
+    if cfg.synthetic_panel is None or paths.raw_dir_override is not None:
+        return None
+    return panel_sector_file(synthetic_panel_dir(paths), cfg.synthetic_panel)
 
 
 def _release_arrow_memory() -> None:

@@ -28,6 +28,7 @@ from sentinel_pipeline.data_half import (
     panel_config,
     run_data_half,
     synthetic_panel_dir,
+    synthetic_panel_sector_file,
 )
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
@@ -117,6 +118,9 @@ def test_without_a_raw_path_the_panel_preset_reads_the_synthetic_panel_and_says_
     assert describe_panel(SMALL_PANEL).startswith("synthetic panel")
     assert any("SYNTHETIC DATA" in m and "synthetic panel" in m for m in logs)
     assert sorted(p.name for p in landing.iterdir()) == ["intraday.parquet"]
+    sectors = pd.read_csv(synthetic_panel_sector_file(paths, CFG))
+    assert len(sectors) == 40 and sectors["sector"].nunique() == SMALL_PANEL.n_sectors
+    assert synthetic_panel_sector_file(replace(paths, raw_dir_override=landing), CFG) is None
     from sentinel_pipeline.summary import summarise
 
     text = "\n".join(summarise(paths))

@@ -19,6 +19,7 @@ from sentinel_pipeline.data.synthetic_panel import (
     describe_panel,
     ensure_synthetic_panel,
     generate_synthetic_panel,
+    panel_sector_file,
     sector_correlations,
     signal_report,
     simulate_panel,
@@ -153,8 +154,13 @@ def test_ensure_writes_its_own_folder_names_it_and_replaces_older_panels(tmp_pat
     assert ensure_synthetic_panel(folder, a) == first and first.stat().st_mtime_ns == mtime  # reused
     side = json.loads(first.with_suffix(".json").read_text())
     assert side["description"] == describe_panel(a) and describe_panel(a).startswith("synthetic panel")
+    sectors = pd.read_csv(panel_sector_file(folder, a))
+    sim = simulate_panel(a)
+    assert list(sectors["symbol"]) == sim.symbols and list(sectors.columns) == ["symbol", "sector"]
+    assert sectors["sector"].nunique() == a.n_sectors
+    assert (pd.factorize(sectors["sector"], sort=True)[0] == sim.sector).all()
     second = ensure_synthetic_panel(folder, replace(a, seed=5))
     assert second != first and not first.exists() and sorted(p.name for p in folder.iterdir()) == sorted(
-        [second.name, second.with_suffix(".json").name])
+        [second.name, second.with_suffix(".json").name, panel_sector_file(folder, replace(a, seed=5)).name])
     with pytest.raises(ValueError, match="signal_strength"):
         SyntheticPanelConfig(signal_strength=-0.1)

@@ -226,6 +226,13 @@ def simulate_panel(config: SyntheticPanelConfig | None = None) -> SyntheticPanel
                           config=cfg)
 
 
+def sector_map(panel: SyntheticPanel) -> pd.DataFrame:
+    """The panel's sectors as a ``symbol, sector`` table (``sector`` = ``"S00"``, ``"S01"``, ...): the
+    form a user-supplied sector map takes (e.g. the symbol graph's sector edges)."""
+    width = max(2, len(str(panel.config.n_sectors - 1)))
+    return pd.DataFrame({"symbol": panel.symbols, "sector": [f"S{k:0{width}d}" for k in panel.sector]})
+
+
 def generate_synthetic_panel(config: SyntheticPanelConfig | None = None) -> pd.DataFrame:
     """The synthetic panel's bars: RAW_COLUMNS, sorted by (symbol, timestamp), deterministic for a config."""
     return simulate_panel(config).bars
@@ -313,20 +320,29 @@ def describe_panel(config: SyntheticPanelConfig | None = None) -> str:
 def ensure_synthetic_panel(directory: str | Path, config: SyntheticPanelConfig | None = None) -> Path:
     """The parquet file of the synthetic panel for ``config`` in ``directory`` (its own folder, e.g.
     ``data/synthetic_panel/``), generated when absent; other generated panels there are removed. The file
-    is ``synthetic_panel-<digest>.parquet`` with a JSON sidecar of the configuration. Never point
-    ``directory`` at a raw landing zone."""
+    is ``synthetic_panel-<digest>.parquet`` with a JSON sidecar of the configuration and the sector map
+    ``synthetic_panel-<digest>.sectors.csv`` (:func:`panel_sector_file`). Never point ``directory`` at a
+    raw landing zone (the data half reads the parquet file alone, never the folder)."""
     config = config or SyntheticPanelConfig()
     directory = Path(directory)
     name = f"{PANEL_FILE_PREFIX}{panel_digest(config)}"
     path = directory / f"{name}.parquet"
-    if not path.is_file():
-        bars = generate_synthetic_panel(config)
+    sectors = panel_sector_file(directory, config)
+    if not (path.is_file() and sectors.is_file()):
+        panel = simulate_panel(config)
+        with atomic_path(sectors) as tmp:
+            sector_map(panel).to_csv(tmp, index=False)
         with atomic_path(path) as tmp:
-            bars.to_parquet(tmp, index=False)
+            panel.bars.to_parquet(tmp, index=False)
         with atomic_path(directory / f"{name}.json") as tmp:
             tmp.write_text(json.dumps({"description": describe_panel(config), "config": asdict(config)},
                                       indent=2, sort_keys=True, default=str) + "\n")
     for old in directory.glob(f"{PANEL_FILE_PREFIX}*"):
-        if old.stem != name and old.is_file():
+        if old.name.split(".")[0] != name and old.is_file():
             old.unlink()
     return path
+
+
+def panel_sector_file(directory: str | Path, config: SyntheticPanelConfig | None = None) -> Path:
+    """Where :func:`ensure_synthetic_panel` writes the panel's ``symbol, sector`` CSV."""
+    return Path(directory) / f"{PANEL_FILE_PREFIX}{panel_digest(config or SyntheticPanelConfig())}.sectors.csv"
