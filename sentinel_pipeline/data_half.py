@@ -14,10 +14,17 @@ appends its columns to the features row group by row group, the scalers gather o
 and the HDF5 stage writes the three split files in row chunks (``*_from_parquet`` functions), so the
 57-column labelled table is never whole in memory.
 
-Input: the parquet/CSV files of the raw landing zone (``paths.raw_dir``); only when it is empty or
-absent, the embedded synthetic default market, generated into its own folder (``paths.synthetic_dir``,
-never into the landing zone) and named as such everywhere (``data_source`` in every stage summary, the
-log lines, ``summary.py``). The raw stage fails early, naming the files, when the data is too short
+Input: the parquet/CSV files of the raw landing zone (``paths.raw_dir``, a folder or a single file);
+only when it is empty or absent, the embedded synthetic default market, generated into its own folder
+(``paths.synthetic_dir``, never into the landing zone) and named as such everywhere (``data_source`` in
+every stage summary, the log lines, ``summary.py``).
+
+Presets (:data:`PRESETS`, ``--preset`` on the CLI): ``default`` (the intraday configuration above) and
+``panel`` (:func:`panel_config`: the daily universe configuration: daily features with month and
+cross-sectional ranks, labels in trading days). The panel preset reads the raw path it is given
+(``--raw FILE_OR_FOLDER``, ``raw_dir_override``); without one it reads the synthetic panel
+(``data/synthetic_panel.py``), generated into ``<data_dir>/synthetic_panel/`` and named "synthetic
+panel" in every ``data_source`` line; it never reads the default landing zone ``<data_dir>/raw``. The raw stage fails early, naming the files, when the data is too short
 for the configuration (:func:`minimum_history`, :func:`check_history`).
 
 Commit: :func:`build_stage` builds a stage into a temporary folder and commits its files together with
@@ -53,6 +60,12 @@ from sentinel_pipeline.data.synthetic_market import (
     describe_market,
     ensure_synthetic_default,
 )
+from sentinel_pipeline.data.synthetic_panel import (
+    SyntheticPanelConfig,
+    describe_panel,
+    ensure_synthetic_panel,
+    panel_sector_file,
+)
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 from sentinel_pipeline.stage_cache import (
     StageInputError,
@@ -78,9 +91,46 @@ class DataHalfConfig:
     features: feats.FeatureConfig = field(default_factory=feats.FeatureConfig)
     labels: labels.LabelConfig = field(default_factory=labels.LabelConfig)
     splits: splits.SplitConfig = field(default_factory=splits.SplitConfig)
+    # set (the panel preset): the raw input is the given raw path, else this synthetic panel
+    synthetic_panel: SyntheticPanelConfig | None = None
+    preset: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def panel_config(*, synthetic_panel: SyntheticPanelConfig | None = None, **overrides: Any) -> DataHalfConfig:
+    """The daily panel preset: daily features (``bar_frequency="daily"``: no hour bucket or session bar;
+    month; cross-sectional ranks of momentum, volatility and volume), labels in trading days
+    (``labels.daily_label_config``: triple barrier 2 ATR over 10 days, forward returns 1/5/10/20 days,
+    label window 20) and chronological 70/15/15 splits purged by the 20-day label window with a 5-day
+    embargo. Bar quality keeps its defaults: holes are counted in weekdays against each symbol's own
+    calendar, so weekends and holidays are no quirk, and a hole is 20 or more missed trading days (the
+    label window). Raw input: the raw path given, else the synthetic panel (``synthetic_panel``)."""
+    base: dict[str, Any] = {
+        "features": feats.daily_feature_config(),
+        "labels": labels.daily_label_config(),
+        "splits": splits.SplitConfig(train_frac=0.70, val_frac=0.15, embargo_bars=5),
+        "synthetic_panel": synthetic_panel if synthetic_panel is not None else SyntheticPanelConfig(),
+        "preset": "panel",
+    }
+    return DataHalfConfig(**{**base, **overrides})
+
+
+PRESETS: dict[str, Callable[..., DataHalfConfig]] = {"default": DataHalfConfig, "panel": panel_config}
+
+
+def synthetic_panel_dir(paths: ArtifactPaths) -> Path:
+    """Where the panel preset generates its synthetic panel (never a raw landing zone)."""
+    return paths.data_dir / "synthetic_panel"
+
+
+def synthetic_panel_sector_file(paths: ArtifactPaths, cfg: DataHalfConfig) -> Path | None:
+    """The ``symbol, sector`` CSV of the synthetic panel when it is the raw input (the panel preset without
+    a raw path; e.g. for the symbol graph's sector edges), else None. Written with the panel."""
+    if cfg.synthetic_panel is None or paths.raw_dir_override is not None:
+        return None
+    return panel_sector_file(synthetic_panel_dir(paths), cfg.synthetic_panel)
 
 
 def _release_arrow_memory() -> None:
@@ -123,12 +173,30 @@ class RawInput:
 
 
 def resolve_raw_input(paths: ArtifactPaths, cfg: DataHalfConfig) -> RawInput:
-    """The landing zone's parquet/CSV files; when it is empty or absent (and the default is on), the
-    synthetic default market, generated into ``paths.synthetic_dir``. The landing zone is only read.
-    A file there that the stage cannot read raises ``RawDataError`` naming it."""
+    """The landing zone's parquet/CSV files (``paths.raw_dir`` may also be one such file); when it is
+    empty or absent (and the default is on), the synthetic default market, generated into
+    ``paths.synthetic_dir``. With ``cfg.synthetic_panel`` set (the panel preset) the raw path is read only
+    when one was given (``raw_dir_override``), else the synthetic panel is generated into
+    :func:`synthetic_panel_dir`. The landing zone is only read. A file there that the stage cannot read
+    raises ``RawDataError`` naming it."""
+    if cfg.synthetic_panel is not None and paths.raw_dir_override is None:
+        if not cfg.generate_default_when_empty:
+            raise raw_bars.RawDataError(
+                f"the {cfg.preset} preset got no raw path (give a parquet/CSV file or folder: --raw, raw_dir) and the "
+                f"synthetic panel is off"
+            )
+        path = ensure_synthetic_panel(synthetic_panel_dir(paths), cfg.synthetic_panel)
+        return RawInput([path], True, describe_panel(cfg.synthetic_panel), path.parent)
     files = raw_bars.list_input_files(paths.raw_dir)
     if files:
+        if paths.raw_dir.is_file():
+            return RawInput(files, False, f"raw file: {paths.raw_dir}", paths.raw_dir.parent)
         return RawInput(files, False, f"raw files: {len(files)} file(s) in {paths.raw_dir}", paths.raw_dir)
+    if cfg.synthetic_panel is not None:  # a raw path was given for the panel: never fall back to another market
+        raise raw_bars.RawDataError(
+            f"{paths.raw_dir}: no *.parquet or *.csv files at the raw path given to the {cfg.preset} preset (give a "
+            f"file or a folder of bars, or no raw path for the synthetic panel)"
+        )
     if not cfg.generate_default_when_empty:
         raise raw_bars.RawDataError(
             f"{paths.raw_dir}: no *.parquet or *.csv files in the raw data folder (and the synthetic default is off)"
@@ -534,7 +602,10 @@ def run_data_half(paths: ArtifactPaths, cfg: DataHalfConfig | None = None, log: 
     cfg = cfg or DataHalfConfig()
     results: dict[str, Any] = {}
     source = _resolve_or_mark(paths, cfg)
-    if source.synthetic:
+    if source.synthetic and cfg.synthetic_panel is not None:
+        log(f"[data] SYNTHETIC DATA: the {cfg.preset} preset got no raw path, so the data half runs on the "
+            f"{source.data_source}, from {source.folder}")
+    elif source.synthetic:
         log(f"[data] SYNTHETIC DATA: the raw folder {paths.raw_dir} is empty or absent, so the data half runs on the "
             f"{source.data_source}, from {source.folder}")
     for name, _ in STAGES:
@@ -555,7 +626,11 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--raw-dir", default=None)
+    ap.add_argument("--raw-dir", "--raw", dest="raw_dir", default=None,
+                    help="raw input: a folder of parquet/CSV files or one such file (default: <data-dir>/raw; "
+                         "the panel preset: the synthetic panel)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                    help="default: the intraday configuration; panel: the daily universe configuration")
     ap.add_argument("--source-timezone", default=os.environ.get(raw_bars.SOURCE_TZ_ENV) or None,
                     help="time zone of raw timestamps that carry none (IANA name, e.g. UTC or America/New_York); "
                          f"default ${raw_bars.SOURCE_TZ_ENV}; unset: such files are refused")
@@ -564,8 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     paths = ArtifactPaths(data_dir=Path(args.data_dir), raw_dir_override=Path(args.raw_dir) if args.raw_dir else None)
     try:
-        cfg = DataHalfConfig(ingest=raw_bars.IngestConfig(source_timezone=args.source_timezone),
-                             generate_default_when_empty=not args.no_synthetic_default)
+        cfg = PRESETS[args.preset](ingest=raw_bars.IngestConfig(source_timezone=args.source_timezone),
+                                   generate_default_when_empty=not args.no_synthetic_default)
         results = run_data_half(paths, cfg)
     except (ValueError, RuntimeError, OSError, MemoryError) as exc:  # the stages' own errors: the cause first
         notes = "".join(f"\n  {n}" for n in getattr(exc, "__notes__", []))

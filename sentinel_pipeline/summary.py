@@ -50,8 +50,10 @@ def _data_source_lines(paths: ArtifactPaths) -> list[str]:
         return []
     lines = [f"  data source  {source}"]
     if meta.get("synthetic"):
-        lines.append(f"  SYNTHETIC    every artefact and bundle below was built from the synthetic default market, not "
-                     f"real data; put your parquet/CSV bars into {paths.raw_dir} to use your own")
+        what = "synthetic panel" if str(source).startswith("synthetic panel") else "synthetic default market"
+        where = ("give the panel preset a parquet/CSV file or folder (--raw) to use your own" if what == "synthetic panel"
+                 else f"put your parquet/CSV bars into {paths.raw_dir} to use your own")
+        lines.append(f"  SYNTHETIC    every artefact and bundle below was built from the {what}, not real data; {where}")
     return lines
 
 

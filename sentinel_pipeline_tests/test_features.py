@@ -16,6 +16,8 @@ from sentinel_pipeline.data.features import (
     FeatureConfig,
     build_contract,
     compute_features,
+    cross_sectional_rank,
+    daily_feature_config,
     feature_report,
     warmup_bars,
     write_features,
@@ -56,6 +58,12 @@ CAT_FEATURES = CONTRACT.names("ctx_cat")
 COMPUTED = ["atr", *CONTRACT.all_names, "feature_valid"]
 # features that read other symbols' bars (at the same timestamp only)
 CROSS_SECTIONAL = ["xs_ret_z"]
+DAILY = daily_feature_config()
+DAILY_CONTRACT = build_contract(DAILY)
+DAILY_COMPUTED = ["atr", *DAILY_CONTRACT.all_names, "feature_valid"]
+XS_RANKS = [n for n in DAILY_CONTRACT.all_names if n.startswith("xs_rank_")]
+# the default (intraday) contract's hash: a change here re-labels every existing artefact
+DEFAULT_CONTRACT_HASH = "008f7c97c7e8d4f3"
 
 
 def assert_frames_identical(a: pd.DataFrame, b: pd.DataFrame, columns: list[str]) -> None:
@@ -78,6 +86,25 @@ def test_features_of_a_prefix_equal_the_prefix_of_the_features(seed: int) -> Non
     part = compute_features(bars[keep].reset_index(drop=True))
     expected = full[keep].reset_index(drop=True)
     assert_frames_identical(part, expected, ["symbol", "timestamp", *COMPUTED])  # bit-for-bit
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_daily_features_of_a_prefix_equal_the_prefix_of_the_features(seed: int) -> None:
+    """The daily config (month, cross-sectional ranks) is causal too: ranks read the same timestamp only."""
+    rng = np.random.default_rng(2000 + seed)
+    lengths = [int(x) for x in rng.integers(1, 200, rng.integers(2, 6))]
+    bars = make_bars(seed, lengths, daily=True)
+    full = compute_features(bars, DAILY)
+    cut = rng.choice(bars["timestamp"].to_numpy())
+    keep = (bars["timestamp"] <= cut).to_numpy()
+    part = compute_features(bars[keep].reset_index(drop=True), DAILY)
+    assert_frames_identical(part, full[keep].reset_index(drop=True), ["symbol", "timestamp", *DAILY_COMPUTED])
+    # the future bars of every symbol perturbed: the past (ranks included) does not move
+    moved = bars.copy()
+    future = ~keep
+    moved.loc[future, ["open", "high", "low", "close"]] *= np.exp(rng.normal(0, 0.3, (future.sum(), 1)))
+    moved.loc[future, "volume"] *= 5.0
+    assert_frames_identical(compute_features(moved, DAILY)[keep], full[keep], DAILY_COMPUTED)
 
 
 def test_perturbing_future_bars_leaves_past_features_unchanged() -> None:
@@ -104,6 +131,7 @@ def test_changing_one_symbol_does_not_change_another() -> None:
         changed.loc[rows_b, col] *= noise
     changed.loc[rows_b, "high"] = changed.loc[rows_b, ["open", "high", "low", "close"]].max(axis=1)
     changed.loc[rows_b, "low"] = changed.loc[rows_b, ["open", "high", "low", "close"]].min(axis=1)
+    changed.loc[rows_b, "volume"] *= np.exp(np.random.default_rng(1).normal(0.0, 1.0, rows_b.sum()))
     base, other = compute_features(bars), compute_features(changed)
     rows_ac = (bars["symbol"] != b).to_numpy()
     per_symbol = [col for col in COMPUTED if col not in CROSS_SECTIONAL]
@@ -114,12 +142,21 @@ def test_changing_one_symbol_does_not_change_another() -> None:
     # a symbol computed alone gets the same per-symbol features as inside the panel
     alone = compute_features(bars[bars["symbol"] == c].reset_index(drop=True))
     assert_frames_identical(alone, base[(bars["symbol"] == c).to_numpy()].reset_index(drop=True), per_symbol)
+    # daily config: the cross-sectional ranks move with the other symbol, nothing else does
+    base_d, other_d = compute_features(bars, DAILY), compute_features(changed, DAILY)
+    per_symbol_d = [col for col in DAILY_COMPUTED if col not in [*CROSS_SECTIONAL, *XS_RANKS]]
+    assert_frames_identical(base_d[rows_ac], other_d[rows_ac], per_symbol_d)
+    for name in XS_RANKS:
+        assert not np.array_equal(base_d.loc[rows_ac, name].to_numpy(), other_d.loc[rows_ac, name].to_numpy(),
+                                  equal_nan=True), name
 
 
 # ---------------------------------------------------------------------------------------------
 # contract
 # ---------------------------------------------------------------------------------------------
 def _changed_value(name: str, value: object) -> object:
+    if name == "bar_frequency":
+        return "daily" if value == "intraday" else "intraday"
     if isinstance(value, bool):
         return not value
     if isinstance(value, float):
@@ -130,18 +167,84 @@ def _changed_value(name: str, value: object) -> object:
     return (*value[:-1], value[-1] + 1)
 
 
-def test_contract_hash_is_stable_and_follows_every_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
-    default = FeatureConfig()
-    first, second = build_contract(default), build_contract(FeatureConfig())
+# parameters of features that exist at one bar frequency only (they cannot move the other's hash)
+DAILY_ONLY = {"xs_rank_return_lags", "xs_rank_rv_window", "xs_rank_volume_z_window"}
+INTRADAY_ONLY = {"hours_per_bucket", "session_bar_scale"}
+
+
+@pytest.mark.parametrize("default, ignored", [(FeatureConfig(), DAILY_ONLY), (DAILY, INTRADAY_ONLY)],
+                         ids=["intraday", "daily"])
+def test_contract_hash_is_stable_and_follows_every_parameter(monkeypatch: pytest.MonkeyPatch, default, ignored) -> None:
+    first, second = build_contract(default), build_contract(dataclasses.replace(default))
     assert first.hash == second.hash and first.canonical_json() == second.canonical_json()
     seen = {first.hash}
     for field in dataclasses.fields(FeatureConfig):
         changed = dataclasses.replace(default, **{field.name: _changed_value(field.name, getattr(default, field.name))})
         h = build_contract(changed).hash
+        if field.name in ignored:
+            assert h == first.hash, f"FeatureConfig.{field.name} should not act at this bar frequency"
+            continue
         assert h not in seen, f"changing FeatureConfig.{field.name} does not change the contract hash"
         seen.add(h)
     monkeypatch.setattr(feat, "FEATURE_CODE_VERSION", "bumped")
     assert build_contract(default).hash != first.hash
+
+
+def test_default_intraday_contract_hash_is_unchanged() -> None:
+    """The daily option must not re-label the default contract (or its artefacts and bundles)."""
+    assert CONTRACT.hash == DEFAULT_CONTRACT_HASH
+    assert DAILY_CONTRACT.hash != DEFAULT_CONTRACT_HASH
+    assert not any("bar_frequency" in f.params for f in CONTRACT.features)
+    assert {f.name for f in DAILY_CONTRACT.features if f.params.get("bar_frequency") == "daily"} == {"month", *XS_RANKS}
+
+
+def test_daily_contract_has_month_and_ranks_and_no_intraday_features() -> None:
+    bars = make_bars(4, [260, 240, 200, 90], daily=True)
+    frame = compute_features(bars, DAILY)
+    names = DAILY_CONTRACT.all_names
+    assert "hour_bucket" not in names and "session_bar" not in names
+    assert "hour_bucket" not in frame.columns and "session_bar" not in frame.columns
+    assert XS_RANKS == ["xs_rank_ret_20", "xs_rank_ret_60", "xs_rank_rv_20", "xs_rank_vol_z_20"]
+    assert DAILY_CONTRACT.names("ctx_cat") == ["weekday", "month", "vol_regime", "trend_regime", "symbol_bucket"]
+    assert DAILY_CONTRACT.ctx_cat_cardinalities == [7, 12, 3, 3, 8]
+    assert list(frame.columns) == [*BAR_COLUMNS, "atr", *names, "feature_valid"]
+    for spec in DAILY_CONTRACT.features:
+        assert str(frame[spec.name].dtype) == spec.dtype
+    np.testing.assert_array_equal(frame["month"].to_numpy(), bars["timestamp"].dt.month.to_numpy() - 1)
+    # the per-symbol features are those of the intraday config
+    intraday = compute_features(bars)
+    shared = [n for n in CONTRACT.all_names if n in names]
+    assert len(shared) == len(CONTRACT.all_names) - 2
+    assert_frames_identical(frame, intraday, ["atr", *shared])
+    # every rank is the pandas percentile rank of its source across the symbols of its timestamp
+    sources = {"xs_rank_ret_20": np.log(bars["close"]).groupby(bars["symbol"]).diff(20),
+               "xs_rank_ret_60": np.log(bars["close"]).groupby(bars["symbol"]).diff(60),
+               "xs_rank_rv_20": intraday["rv_20"].astype(np.float64),
+               "xs_rank_vol_z_20": intraday["vol_z_20"].astype(np.float64)}
+    for name, src in sources.items():
+        got = frame[name].to_numpy(np.float64)
+        ref = src.groupby(bars["timestamp"]).rank(method="average")
+        m = src.groupby(bars["timestamp"]).transform("count")
+        expected = np.where(m > 1, 2 * (ref - 1) / (m - 1) - 1, 0.0)
+        np.testing.assert_array_equal(np.isnan(got), src.isna().to_numpy(), err_msg=name)
+        ok = ~np.isnan(got)
+        np.testing.assert_allclose(got[ok], expected[ok], atol=2e-6, err_msg=name)  # float32 sources: ties alike
+        assert got[ok].min() >= -1.0 and got[ok].max() <= 1.0
+        # an extreme of a timestamp with several symbols is -1 or +1
+        assert got[ok].min() == -1.0 and got[ok].max() == 1.0
+    # validity: the ranks' warm-up is their source's
+    index_in_symbol = frame.groupby("symbol", sort=False).cumcount().to_numpy()
+    np.testing.assert_array_equal(frame["feature_valid"].to_numpy(), index_in_symbol >= warmup_bars(DAILY))
+
+
+def test_cross_sectional_rank_ties_lone_values_and_nan() -> None:
+    values = np.array([3.0, 1.0, 1.0, np.nan, 5.0, 2.0, np.inf], dtype=np.float32)
+    codes = np.array([0, 0, 0, 0, 1, 2, 2])
+    got = cross_sectional_rank(values, codes)
+    # group 0: 1, 1 (tied: rank 1.5 of 3), 3; group 1 alone -> 0; group 2: 2 alone among finite -> 0
+    np.testing.assert_array_equal(got, np.array([1.0, -0.5, -0.5, np.nan, 0.0, 0.0, np.nan], dtype=np.float32))
+    with pytest.raises(ValueError, match="bar_frequency"):
+        FeatureConfig(bar_frequency="weekly")
 
 
 def test_contract_matches_the_frame() -> None:
@@ -188,7 +291,7 @@ def test_duplicate_feature_names_and_bad_parameters_are_refused() -> None:
 # warm-up and validity
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gaps", [False, True])
-@pytest.mark.parametrize("config", [FeatureConfig(), FeatureConfig(
+@pytest.mark.parametrize("config", [FeatureConfig(), DAILY, FeatureConfig(
     return_lags=(1, 3), rv_windows=(4,), range_windows=(8,), sma_windows=(6,), vol_ratio_windows=(3, 9),
     zret_lags=(12,), zret_rv_window=9, snap_rsi_window=7, snap_volume_z_window=9, macd_slow=15,
     vol_regime_min_periods=5, vol_regime_history=30, trend_ema_window=10, trend_slope_bars=3)])
@@ -362,3 +465,13 @@ def test_real_bars(shared_data_dir, name: str) -> None:
     cut = bars["timestamp"].iloc[len(bars) // 2]
     part = compute_features(bars[bars["timestamp"] <= cut].reset_index(drop=True))
     assert_frames_identical(part, frame.iloc[: len(part)], COMPUTED)
+
+
+@pytest.mark.parametrize("config", [DAILY, daily_feature_config(context_features=False, seq_len=20),
+                                    daily_feature_config(xs_rank_return_lags=(5, 120), xs_rank_rv_window=10,
+                                                         xs_rank_volume_z_window=30)])
+def test_daily_contracts_rebuild_their_config_for_replay(config: FeatureConfig) -> None:
+    from sentinel_pipeline.replay.feature_config import feature_config_from_contract
+
+    contract = build_contract(config)
+    assert feature_config_from_contract(contract) == config

@@ -34,9 +34,20 @@ Feature groups (names for the default :class:`FeatureConfig`; ``build_contract``
     at this timestamp of clip(ret_1 / rv_w, -clip, clip). It is the only feature that reads other
     symbols (bars at the same timestamp only); it is NaN where the row's own rv_w is.
 
-Causality: the value at row t uses only bars <= t of its symbol (``xs_ret_z``: bars at timestamp
-t). Every recursion (Wilder ATR/RSI, EMAs) starts at the symbol's first bar and every rolling window
-counts bars, so the features of a prefix of the bars are bit-for-bit the prefix of the features of
+Daily bars (``FeatureConfig(bar_frequency="daily")``, :func:`daily_feature_config`): ``hour_bucket``
+and ``session_bar`` are left out (one bar a day carries no hour or session position); ``month``
+(0..11, of the UTC date) follows ``weekday`` in ``ctx_cat``; and four **cross-sectional ranks** join
+``seq``: ``xs_rank_ret_{k}`` (k in ``xs_rank_return_lags``, default 20 and 60: k-bar log momentum),
+``xs_rank_rv_{w}`` (realised vol) and ``xs_rank_vol_z_{w}`` (volume z-score), each the percentile rank
+of the symbol's value among the symbols with a finite value at the same timestamp, in [-1, 1], ties
+averaged (:func:`cross_sectional_rank`; a lone value is 0). Their sources are computed by the same
+kernel but are not contract features; a rank is NaN (and the row not valid) where its source is.
+Their params carry ``bar_frequency: "daily"``, so the daily contract hashes differently; the intraday
+default contract is unchanged.
+
+Causality: the value at row t uses only bars <= t of its symbol (``xs_ret_z`` and the daily ranks:
+also the other symbols' bars at timestamp t). Every recursion (Wilder ATR/RSI, EMAs) starts at the
+symbol's first bar and every rolling window counts bars, so the features of a prefix of the bars are bit-for-bit the prefix of the features of
 the whole series; replay relies on that. ``feature_valid`` is true where every contract feature is
 finite and no ``ctx_cat`` feature sits in its warm-up; on clean bars that is exactly bar index
 ``>= warmup_bars(config)`` of each symbol. All recursions run in numba kernels over flat arrays with
@@ -78,7 +89,9 @@ _RET, _RET_VN, _ATR_PCT, _RV, _RSI, _MACD_LINE, _MACD_HIST, _CLOSE_POS = 0, 1, 2
 _RANGE_ATR, _VOL_Z, _GAP, _DIST_HIGH, _DIST_LOW, _PX_SMA, _VOL_RATIO = 8, 9, 10, 11, 12, 13, 14
 _SESSION_BAR, _XS_RET_Z = 15, 16
 # categorical feature kinds (ctx_cat)
-_HOUR_BUCKET, _WEEKDAY, _VOL_REGIME, _TREND_REGIME, _SYMBOL_BUCKET = 0, 1, 2, 3, 4
+_HOUR_BUCKET, _WEEKDAY, _VOL_REGIME, _TREND_REGIME, _SYMBOL_BUCKET, _MONTH = 0, 1, 2, 3, 4, 5
+
+BAR_FREQUENCIES: tuple[str, ...] = ("intraday", "daily")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,10 +135,21 @@ class FeatureConfig:
     session_bar_scale: int = 24
     xs_rv_window: int = 20
     xs_clip: float = 5.0
+    # bar frequency: "daily" drops hour_bucket and session_bar, adds month and the cross-sectional ranks
+    bar_frequency: str = "intraday"
+    # cross-sectional ranks (daily only; seq group): momentum over these lags, realised vol, volume z
+    xs_rank_return_lags: tuple[int, ...] = (20, 60)
+    xs_rank_rv_window: int = 20
+    xs_rank_volume_z_window: int = 20
 
     def __post_init__(self) -> None:
+        if self.bar_frequency not in BAR_FREQUENCIES:
+            raise ValueError(f"FeatureConfig.bar_frequency must be one of {list(BAR_FREQUENCIES)}, "
+                             f"got {self.bar_frequency!r}")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "bar_frequency":
+                continue
             if f.name == "context_features":
                 object.__setattr__(self, f.name, bool(value))
             elif f.name in ("trend_threshold_atr", "xs_clip"):
@@ -155,15 +179,30 @@ class FeatureConfig:
             raise ValueError("FeatureConfig.xs_clip must be finite and > 0")
 
 
+    @property
+    def daily(self) -> bool:
+        return self.bar_frequency == "daily"
+
+
+def daily_feature_config(**overrides: Any) -> FeatureConfig:
+    """The feature configuration of the daily panel preset (``bar_frequency="daily"``)."""
+    return FeatureConfig(**{"bar_frequency": "daily", **overrides})
+
+
 @dataclass(frozen=True)
 class _FeatureDef:
-    """One contract feature plus how the kernel computes it and how many leading bars it needs."""
+    """One contract feature plus how the kernel computes it and how many leading bars it needs.
+
+    ``source``: for a cross-sectional rank, the per-symbol feature (not in the contract) whose value
+    is ranked across the symbols at each timestamp.
+    """
 
     spec: FeatureSpec
     kind: int
     ip: tuple[int, int, int]
     fp: float
     warmup: int  # first bar index (per symbol) at which the feature is defined on clean bars
+    source: _FeatureDef | None = None
 
 
 def _float_def(name: str, group: str, kind: int, params: dict[str, Any], warmup: int,
@@ -202,6 +241,12 @@ def _feature_defs(cfg: FeatureConfig) -> list[_FeatureDef]:
     w = cfg.volume_z_window
     seq(f"vol_z_{w}", _VOL_Z, {"window": w}, w - 1, (w,))
     seq("gap", _GAP, {}, 1)
+    if cfg.daily:
+        for src in _rank_sources(cfg):
+            params = {"source": src.spec.name, **src.spec.params, "bar_frequency": "daily", "range": "[-1,1]",
+                      "ties": "average", "over": "symbols_with_a_finite_value_at_the_timestamp"}
+            spec = FeatureSpec(f"xs_rank_{src.spec.name}", "seq", GROUP_DTYPES["seq"], params)
+            defs.append(_FeatureDef(spec, -1, (0, 0, 0), 0.0, src.warmup, src))
 
     for w in cfg.range_windows:
         snap(f"dist_high_{w}", _DIST_HIGH, {"window": w, "atr_window": a}, max(w - 1, aw), (w,))
@@ -220,9 +265,12 @@ def _feature_defs(cfg: FeatureConfig) -> list[_FeatureDef]:
 
     if cfg.context_features:
         hb = cfg.hours_per_bucket
+        calendar = [("month", _MONTH, {"bar_frequency": "daily", "calendar": "utc_date"}, 12, 0, (), 0.0)] \
+            if cfg.daily else [("hour_bucket", _HOUR_BUCKET, {"hours_per_bucket": hb}, 24 // hb, 0, (hb,), 0.0)]
         cat_defs = [
-            ("hour_bucket", _HOUR_BUCKET, {"hours_per_bucket": hb}, 24 // hb, 0, (hb,), 0.0),
+            *([] if cfg.daily else calendar),
             ("weekday", _WEEKDAY, {}, 7, 0, (), 0.0),
+            *(calendar if cfg.daily else []),
             ("vol_regime", _VOL_REGIME,
              {"rv_window": cfg.vol_regime_rv_window, "history": cfg.vol_regime_history,
               "min_periods": cfg.vol_regime_min_periods}, 3,
@@ -240,12 +288,23 @@ def _feature_defs(cfg: FeatureConfig) -> list[_FeatureDef]:
             spec = FeatureSpec(name, "ctx_cat", GROUP_DTYPES["ctx_cat"], params, card)
             defs.append(_FeatureDef(spec, kind, (*ip, 0, 0, 0)[:3], fp, warmup))  # type: ignore[arg-type]
         sc = cfg.session_bar_scale
-        defs.append(_float_def("session_bar", "ctx_cont", _SESSION_BAR, {"scale": sc, "session": "utc_date"},
-                               0, (sc,)))
+        if not cfg.daily:
+            defs.append(_float_def("session_bar", "ctx_cont", _SESSION_BAR, {"scale": sc, "session": "utc_date"},
+                                   0, (sc,)))
         w = cfg.xs_rv_window
         defs.append(_float_def("xs_ret_z", "ctx_cont", _XS_RET_Z, {"rv_window": w, "clip": cfg.xs_clip},
                                w, (w,), cfg.xs_clip))
     return defs
+
+
+def _rank_sources(cfg: FeatureConfig) -> list[_FeatureDef]:
+    """The per-symbol values the daily cross-sectional ranks are taken of (not contract features)."""
+    out = [_float_def(f"ret_{k}", "seq", _RET, {"lag": k}, k, (k,)) for k in cfg.xs_rank_return_lags]
+    w = cfg.xs_rank_rv_window
+    out.append(_float_def(f"rv_{w}", "seq", _RV, {"window": w}, w, (w,)))
+    w = cfg.xs_rank_volume_z_window
+    out.append(_float_def(f"vol_z_{w}", "seq", _VOL_Z, {"window": w}, w - 1, (w,)))
+    return out
 
 
 def build_contract(config: FeatureConfig | None = None) -> FeatureContract:
@@ -488,6 +547,18 @@ def _float_feature(kind, p0, p1, p2, fp, ts, o, h, lw, c, v, lc, lr, atr, a, b, 
 
 
 @njit(cache=True, error_model="numpy")
+def _month_of_day(days):
+    """Month 0..11 of the UTC date ``days`` after 1970-01-01 (Hinnant's civil-from-days algorithm)."""
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    return mp + 2 if mp < 10 else mp - 10
+
+
+@njit(cache=True, error_model="numpy")
 def _cat_feature(kind, p0, p1, p2, fp, bucket, ts, c, lr, atr, a, s2, out, ready):
     """Write one ctx_cat feature of one symbol into ``out``; clear ``ready`` on its warm-up rows."""
     n = c.shape[0]
@@ -497,6 +568,9 @@ def _cat_feature(kind, p0, p1, p2, fp, bucket, ts, c, lr, atr, a, s2, out, ready
     elif kind == _WEEKDAY:
         for t in range(n):
             out[t] = (ts[t] // _NS_DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    elif kind == _MONTH:
+        for t in range(n):
+            out[t] = _month_of_day(ts[t] // _NS_DAY)
     elif kind == _SYMBOL_BUCKET:
         for t in range(n):
             out[t] = bucket
@@ -623,6 +697,9 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None) ->
     buckets = np.array([zlib.crc32(str(s).encode("utf-8")) % config.symbol_buckets for s in symbols],
                        dtype=np.int64)
     float_defs = [d for d in defs if d.spec.group != "ctx_cat"]
+    rank_defs = [d for d in float_defs if d.source is not None]
+    # the kernel computes the per-symbol features and the rank sources (their NaNs clear feature_valid)
+    kernel_defs = [d for d in float_defs if d.source is None] + [d.source for d in rank_defs]  # type: ignore[misc]
     cat_defs = [d for d in defs if d.spec.group == "ctx_cat"]
 
     def plan(ds: list[_FeatureDef]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -631,23 +708,32 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None) ->
                 np.array([d.fp for d in ds], dtype=np.float64))
 
     out_atr = np.empty(n, dtype=np.float64)
-    out_f = np.empty((len(float_defs), n), dtype=np.float32)
+    out_f = np.empty((len(kernel_defs), n), dtype=np.float32)
     out_c = np.empty((len(cat_defs), n), dtype=np.int32)
     valid = np.empty(n, dtype=bool)
     _features_kernel(ts, arr["open"], arr["high"], arr["low"], arr["close"], arr["volume"], starts, ends,
-                     buckets, config.atr_window, *plan(float_defs), *plan(cat_defs),
+                     buckets, config.atr_window, *plan(kernel_defs), *plan(cat_defs),
                      out_atr, out_f, out_c, valid)
 
-    float_rows = {d.spec.name: j for j, d in enumerate(float_defs)}
+    float_rows = {d.spec.name: j for j, d in enumerate(kernel_defs[:len(float_defs) - len(rank_defs)])}
     if "xs_ret_z" in float_rows:
         _cross_sectional_mean(out_f[float_rows["xs_ret_z"]], ts)
+    ranks: dict[str, np.ndarray] = {}
+    if rank_defs:
+        ts_codes = pd.factorize(ts, sort=False)[0]
+        first_source = len(float_defs) - len(rank_defs)
+        for j, d in enumerate(rank_defs):
+            ranks[d.spec.name] = cross_sectional_rank(out_f[first_source + j], ts_codes)
     cat_rows = {d.spec.name: j for j, d in enumerate(cat_defs)}
 
     columns: dict[str, Any] = {col: bars[col].array for col in BAR_COLUMNS}
     columns["atr"] = out_atr
     for d in defs:
         name = d.spec.name
-        columns[name] = out_c[cat_rows[name]] if name in cat_rows else out_f[float_rows[name]]
+        if name in ranks:
+            columns[name] = ranks[name]
+        else:
+            columns[name] = out_c[cat_rows[name]] if name in cat_rows else out_f[float_rows[name]]
     columns["feature_valid"] = valid
     return pd.DataFrame(columns, index=pd.RangeIndex(n), copy=False)
 
@@ -666,6 +752,41 @@ def _cross_sectional_mean(z: np.ndarray, ts: np.ndarray) -> None:
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     z[ok] = means[sel]
+
+
+def cross_sectional_rank(values: np.ndarray, group_codes: np.ndarray) -> np.ndarray:
+    """Percentile rank of each finite value among the finite values of its group, mapped to [-1, 1].
+
+    ``group_codes`` (int, one per value) are the timestamps' codes: a value is ranked only against the
+    other symbols' values at the same timestamp, so the rank is as causal as the values are. Ties get
+    their average rank (pandas ``rank(method="average")``); with ``m`` finite values in a group the rank
+    ``r`` (1..m) maps to ``2 * (r - 1) / (m - 1) - 1``, and a lone value to 0. Non-finite values stay NaN.
+    float32 output.
+    """
+    values = np.asarray(values)
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    ok = np.flatnonzero(np.isfinite(values))
+    if not ok.size:
+        return out
+    codes = np.asarray(group_codes, dtype=np.int64)[ok]
+    x = values[ok]
+    # one stable sort by (group, value) instead of a groupby: the rank of a run of equal values in a
+    # group is the mean of its 1-based positions in the group (what pandas' rank(method="average") gives)
+    order = np.lexsort((x, codes))
+    cs, xs = codes[order], x[order]
+    n = cs.size
+    new_group = np.r_[True, cs[1:] != cs[:-1]]
+    new_run = new_group | np.r_[True, xs[1:] != xs[:-1]]
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    run_id = np.cumsum(new_run) - 1
+    run_first = np.flatnonzero(new_run)
+    run_last = np.r_[run_first[1:], n] - 1
+    rank = (run_first + run_last)[run_id] / 2.0 - group_start + 1.0  # 1-based, ties averaged
+    group_size = np.bincount(cs)[cs].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = np.where(group_size > 1, 2.0 * (rank - 1.0) / (group_size - 1.0) - 1.0, 0.0)
+    out[ok[order]] = scaled
+    return out
 
 
 def feature_report(features: pd.DataFrame, contract: FeatureContract) -> dict[str, Any]:

@@ -112,6 +112,18 @@ class LabelConfig:
             )
 
 
+DAILY_LABEL_PRESET: dict[str, Any] = {"pt": 2.0, "sl": 2.0, "horizon": 10, "fwd_horizons": (1, 5, 10, 20),
+                                      "excursion_bars": 6}
+
+
+def daily_label_config(**overrides: Any) -> LabelConfig:
+    """Labels of the daily panel preset, horizons in trading days: a triple barrier at 2 ATR over 10 days
+    (a daily ATR is about one day's range, so 1.5 ATR over 20 days touched a barrier on most rows), and
+    forward returns over 1, 5, 10 and 20 days (the ranking targets; ``split_arrays.TARGET_NAMES`` keeps
+    these names). The label window is 20 days."""
+    return LabelConfig(**{**DAILY_LABEL_PRESET, **overrides})
+
+
 def label_window_bars(config: LabelConfig) -> int:
     """How many future bars a row needs for a complete label: max(horizon, fwd horizons, excursion bars)."""
     return int(max(config.horizon, max(config.fwd_horizons), config.excursion_bars))

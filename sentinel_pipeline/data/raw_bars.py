@@ -1,7 +1,8 @@
 """Stage 1: read raw OHLCV files (parquet or CSV), validate every row, quarantine bad rows with a reason.
 
 ``load_raw_bars(raw_dir)`` reads every ``*.parquet`` and ``*.csv`` file under ``raw_dir`` (recursively,
-sorted by path; hidden files are ignored, any other file fails naming it) with the columns
+sorted by path; hidden files are ignored, any other file fails naming it; ``raw_dir`` may also be a
+single parquet or CSV file) with the columns
 ``symbol, timestamp, open, high, low, close, volume`` (``load_bar_files`` reads a given list) and returns
 
 - ``bars``: the good rows, ``RAW_COLUMNS`` only, ``symbol`` a plain string column, ``timestamp``
@@ -199,12 +200,20 @@ def _visible_files(raw_dir: Path) -> list[Path]:
 
 
 def list_input_files(raw_dir: str | Path) -> list[Path]:
-    """The parquet and CSV files under ``raw_dir`` (recursively, sorted by path; hidden files ignored).
+    """The parquet and CSV files under ``raw_dir`` (recursively, sorted by path; hidden files ignored),
+    or ``[raw_dir]`` when it is itself a parquet or CSV file (one file of a folder that holds others).
 
     Any other file raises :class:`RawDataError` naming it: a file the pipeline cannot read is never
-    silently skipped. An absent folder gives ``[]``.
+    silently skipped. An absent path gives ``[]``.
     """
     raw_dir = Path(raw_dir)
+    if raw_dir.is_file():
+        if raw_dir.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise RawDataError(
+                f"{raw_dir}: cannot read this raw input file: the raw stage reads parquet (*.parquet) and CSV (*.csv) "
+                f"with the columns {list(RAW_COLUMNS)}"
+            )
+        return [raw_dir]
     if not raw_dir.is_dir():
         return []
     files = _visible_files(raw_dir)
@@ -466,12 +475,12 @@ def load_raw_bars(raw_dir: str | Path, config: IngestConfig | None = None) -> In
     enforcing the limit is :func:`enforce_quarantine_limit`'s job.
     """
     raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
+    if not raw_dir.exists():
         raise RawDataError(f"{raw_dir}: raw data directory does not exist")
     paths = list_input_files(raw_dir)
     if not paths:
         raise RawDataError(f"{raw_dir}: no *.parquet or *.csv files found in the raw data directory")
-    return load_bar_files(paths, config, origin=raw_dir)
+    return load_bar_files(paths, config, origin=raw_dir.parent if raw_dir.is_file() else raw_dir)
 
 
 def load_bar_files(

@@ -19,9 +19,10 @@ from sentinel_pipeline import data_half
 from sentinel_pipeline.data import labels as labels_mod
 from sentinel_pipeline.data import raw_bars as raw_mod
 from sentinel_pipeline.data.bar_quality import BarQualityConfig
-from sentinel_pipeline.data.features import FeatureConfig
+from sentinel_pipeline.data.features import FeatureConfig, daily_feature_config
 from sentinel_pipeline.data.splits import SplitConfig
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
+from sentinel_pipeline.data.synthetic_panel import SyntheticPanelConfig
 from sentinel_pipeline.locking import exclusive_lock
 from sentinel_pipeline.orchestration.metadata import file_size_mb, md_kv_table, md_table
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
@@ -38,8 +39,13 @@ from sentinel_pipeline.stage_cache import (
 
 
 class DataHalfSettings(dg.ConfigurableResource):
-    """The data half's parameters, shared by every stage of a run (so labels, splits and HDF5 agree)."""
+    """The data half's parameters, shared by every stage of a run (so labels, splits and HDF5 agree).
 
+    ``preset``: ``default`` (intraday) or ``panel`` (daily universe: ``data_half.panel_config``; its raw
+    input is ``PipelineSettings.raw_dir``, a file or folder, when set, else the synthetic panel). Fields
+    left at None take the preset's value."""
+
+    preset: str = "default"
     # ingest
     max_quarantine_fraction: float = 0.05  # share of input rows, 0..1
     # time zone of raw timestamps that carry none (IANA name); None: such files are refused
@@ -57,13 +63,17 @@ class DataHalfSettings(dg.ConfigurableResource):
     synthetic_n_symbols: int = SyntheticMarketConfig.n_symbols
     synthetic_n_days: int = SyntheticMarketConfig.n_days
     signal_strength: float | None = None  # None: the generator's documented default
+    # synthetic panel (the panel preset without a raw path)
+    panel_seed: int = SyntheticPanelConfig.seed
+    panel_n_symbols: int = SyntheticPanelConfig.n_symbols
+    panel_n_days: int = SyntheticPanelConfig.n_days
     # features
     seq_len: int = 30
     context_features: bool = True
-    # triple-barrier labels
-    pt: float = 1.5
-    sl: float = 1.5
-    horizon: int = 20
+    # triple-barrier labels (None: the preset's; default 1.5 / 1.5 / 20 bars, panel 2.0 / 2.0 / 10 days)
+    pt: float | None = None
+    sl: float | None = None
+    horizon: int | None = None
     protect_labels_from: list[str] = list(labels_mod.DEFAULT_PROTECT_FROM)
     target_clip_atr: float | None = 20.0
     # splits
@@ -81,7 +91,16 @@ class DataHalfSettings(dg.ConfigurableResource):
         }
         if self.signal_strength is not None:
             synth_kwargs["signal_strength"] = self.signal_strength
-        return data_half.DataHalfConfig(
+        if self.preset not in data_half.PRESETS:
+            raise ValueError(f"DataHalfSettings.preset must be one of {sorted(data_half.PRESETS)}, got {self.preset!r}")
+        panel = self.preset == "panel"
+        panel_kwargs: dict[str, Any] = {"seed": self.panel_seed, "n_symbols": self.panel_n_symbols,
+                                        "n_days": self.panel_n_days}
+        if self.signal_strength is not None:
+            panel_kwargs["signal_strength"] = self.signal_strength
+        label_kwargs = {k: v for k, v in (("pt", self.pt), ("sl", self.sl), ("horizon", self.horizon)) if v is not None}
+        feature_kwargs = {"seq_len": self.seq_len, "context_features": self.context_features}
+        return data_half.PRESETS[self.preset](
             ingest=raw_mod.IngestConfig(
                 max_quarantine_fraction=self.max_quarantine_fraction,
                 source_timezone=self.source_timezone,
@@ -96,11 +115,9 @@ class DataHalfSettings(dg.ConfigurableResource):
             ),
             synthetic=SyntheticMarketConfig(**synth_kwargs),
             generate_default_when_empty=self.generate_default_when_empty,
-            features=FeatureConfig(seq_len=self.seq_len, context_features=self.context_features),
-            labels=labels_mod.LabelConfig(
-                pt=self.pt,
-                sl=self.sl,
-                horizon=self.horizon,
+            features=daily_feature_config(**feature_kwargs) if panel else FeatureConfig(**feature_kwargs),
+            labels=(labels_mod.daily_label_config if panel else labels_mod.LabelConfig)(
+                **label_kwargs,
                 protect_from=tuple(self.protect_labels_from),
                 target_clip_atr=self.target_clip_atr,
             ),
@@ -111,6 +128,7 @@ class DataHalfSettings(dg.ConfigurableResource):
                 val_end=self.val_end,
                 embargo_bars=self.embargo_bars,
             ),
+            **({"synthetic_panel": SyntheticPanelConfig(**panel_kwargs)} if panel else {}),
         )
 
 
@@ -164,7 +182,8 @@ def run_stage(
         context.log.info(f"inputs unchanged (fingerprint {fp[:12]}): reusing {stage_dir}")
     source = record["metadata"].get("data_source")
     if source and source.startswith("synthetic"):
-        context.log.warning(f"{name}: SYNTHETIC DATA: built from the {source} (the raw folder {paths.raw_dir} is empty)")
+        context.log.warning(f"{name}: SYNTHETIC DATA: built from the {source} (no raw data: {paths.raw_dir} is empty, "
+                            "or the panel preset got no raw path)")
     metadata = ui(record["metadata"])
     metadata.update({"input_fingerprint": fp[:16], "reused": reused, "path": dg.MetadataValue.path(str(stage_dir)),
                      "data_source": str(source)})

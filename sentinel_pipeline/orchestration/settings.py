@@ -17,6 +17,7 @@ class PipelineSettings(dg.ConfigurableResource):
 
     data_dir: str = os.environ.get("SENTINEL_DATA_DIR", "data")
     models_dir: str = os.environ.get("SENTINEL_MODELS_DIR", "models")
+    # raw input: a folder of parquet/CSV files or one such file (e.g. a daily panel beside other files)
     raw_dir: str | None = os.environ.get("SENTINEL_RAW_DIR") or None
 
     def paths(self) -> ArtifactPaths:

@@ -88,6 +88,13 @@ def feature_config_from_contract(contract: FeatureContract) -> FeatureConfig:
     xs = _matching(contract, "ctx_cont", "xs_ret_z")
     put("xs_rv_window", xs, "rv_window")
     put("xs_clip", xs, "clip")
+    # daily bars: month and the cross-sectional ranks carry bar_frequency="daily" and their sources' params
+    if any(f.params.get("bar_frequency") == "daily" for f in contract.features):
+        kw["bar_frequency"] = "daily"
+        ranks = _matching(contract, "seq", r"xs_rank_.+")
+        kw["xs_rank_return_lags"] = tuple(int(f.params["lag"]) for f in ranks if "lag" in f.params)
+        put("xs_rank_rv_window", [f for f in ranks if f.params.get("source", "").startswith("rv_")], "window")
+        put("xs_rank_volume_z_window", [f for f in ranks if f.params.get("source", "").startswith("vol_z_")], "window")
 
     try:
         config = FeatureConfig(**kw)
