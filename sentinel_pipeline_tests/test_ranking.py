@@ -196,6 +196,31 @@ def test_random_portfolio_p_values_are_calibrated_under_the_null() -> None:
     assert np.std(pct) > 15
 
 
+def test_permuted_rankings_stay_calibrated_for_a_persistent_zero_skill_ranking() -> None:
+    """Symbols trend over the window (their own drift) and the ranking is persistent but unrelated to the
+    drift: a fresh random portfolio each day averages the drifts away, so the persistent ranking lands in
+    the tails of the random portfolios far more than 5 % of the time; its own weights on relabelled
+    symbols bet on the drifts as it does, and stay calibrated."""
+    cfg = RankingConfig(horizons=(1,), backtest_horizon=1, gate_horizon=1, n_random=100)
+    p_random, p_perm = [], []
+    n_days, n_symbols = 100, 30
+    days = pd.bdate_range("2021-01-04", periods=n_days, tz="UTC")
+    t, s = np.meshgrid(np.arange(n_days), np.arange(n_symbols), indexing="ij")
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        r = rng.normal(0, 0.003, n_symbols) + rng.normal(0, 0.01, (n_days, n_symbols))
+        score = 0.05 * np.cumsum(rng.normal(size=(n_days, n_symbols)), axis=0) + rng.normal(size=n_symbols)
+        table = pd.DataFrame({"timestamp": days[t.ravel()], "symbol": s.ravel(), "out_ret_1": score.ravel(),
+                              "fwd_ret_1": r.ravel()})
+        p = ranking.panel_from_scored(table, ["out_ret_1", "fwd_ret_1"])
+        bt = ranking.daily_long_short(p, cfg)
+        rnd, perm = ranking.random_portfolios(p, bt)
+        p_random.append(rnd["sharpe_daily_gross"]["p_value"])
+        p_perm.append(perm["sharpe_daily_gross"]["p_value"])
+    assert sum(v < 0.05 for v in p_random) >= 6, p_random
+    assert sum(v < 0.05 for v in p_perm) <= 4, p_perm  # P(>= 5 of 30) = 1.6 % for a calibrated test
+
+
 def test_identical_previous_table_gives_a_difference_of_exactly_zero() -> None:
     test = scored_table(n_days=80, n_symbols=30, seed=5)
     report = ranking.run_ranking_evaluation(None, test, test.copy(), RankingConfig(n_random=100))
