@@ -550,11 +550,19 @@ def directional_gate(scored: pd.DataFrame, config: RankingConfig | None = None, 
     head and horizon the family names; default the config's ``gate_horizon``, the 5-day head)."""
     config = config or RankingConfig()
     h = int(horizon or config.gate_horizon)
+    signal_col = config.score_col(h) if h in config.horizons else score_column(h)
+    target_col = target_column(h)
+    missing = [c for c in ("timestamp", "symbol", signal_col, target_col) if c not in scored.columns]
+    if missing:
+        raise ValueError(f"scored table: missing column(s) {missing} for the directional gate")
+    # integer nanoseconds group the same way and fast (tz-aware values become Python objects in NumPy)
+    ts = pd.to_datetime(scored["timestamp"], utc=True).dt.as_unit("ns").astype("int64")
+    table = pd.DataFrame({"timestamp": ts.to_numpy(), "symbol": scored["symbol"].to_numpy(),
+                          signal_col: scored[signal_col].to_numpy(), target_col: scored[target_col].to_numpy()})
     return directional_skill(
-        scored, h, min_t=float(config.gate_min_t if min_t is None else min_t), lag=max(h, int(lag or 0)),
+        table, h, min_t=float(config.gate_min_t if min_t is None else min_t), lag=max(h, int(lag or 0)),
         min_symbols=int(min_symbols or config.min_symbols),
-        min_windows=int(min_windows or config.gate_min_windows),
-        signal_col=config.score_col(h) if h in config.horizons else score_column(h), target_col=target_column(h))
+        min_windows=int(min_windows or config.gate_min_windows), signal_col=signal_col, target_col=target_col)
 
 
 # -- the stage-level function -------------------------------------------------------------------------
