@@ -273,8 +273,10 @@ def test_run_and_write_outputs(tmp_path) -> None:
     assert {"random_q05", "permuted_q95", "previous_equity"} <= set(daily.columns)
     periods = pd.read_parquet(files["periods"])
     assert set(periods["split"]) == {"val", "test"} and set(periods["horizon"]) == set(HORIZONS)
-    ranking.write_ranking_outputs(out, report)  # replaces the directory
+    ranking.write_ranking_outputs(out, report, fingerprint="fp1")  # replaces the directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranking"]
+    record = json.loads((out / ".stage.json").read_text())
+    assert record["fingerprint"] == "fp1" and set(record["outputs"]) == {f.name for f in files.values()}
 
 
 def test_bad_tables_and_configs_fail_with_the_problem_named() -> None:

@@ -94,6 +94,7 @@ from sentinel_pipeline.evaluation.skill_gates import GateResult, directional_ski
 from sentinel_pipeline.evaluation.statistics import effective_windows, hac_mean_test, sharpe_ratio_ci
 from sentinel_pipeline.replay.config import periods_per_year as _periods_per_year
 from sentinel_pipeline.replay.report import jsonable
+from sentinel_pipeline.stage_cache import write_record
 from sentinel_pipeline.training.evaluation import per_timestamp_correlations
 
 REPORT_NAME = "ranking_report.json"
@@ -636,7 +637,8 @@ def run_ranking_evaluation(scored_val: pd.DataFrame | None, scored_test: pd.Data
             "vs_previous": comparison,
             "previous_metrics": previous.metrics if previous is not None else None,
         },
-        "gate": {"split": "test", **gate.to_dict()},
+        "gate": {"split": "test", "role": "information: the blocking gate is verification's quality_gates",
+                 **gate.to_dict()},
         "notes": notes,
     }
     return RankingReport(summary, current, previous, pd.concat(frames, ignore_index=True))
@@ -804,9 +806,11 @@ def plot_long_short_equity(report: RankingReport, path: str | Path, *, title: st
     return Path(path)
 
 
-def write_ranking_outputs(out_dir: str | Path, report: RankingReport, *, title: str = "") -> dict[str, Path]:
+def write_ranking_outputs(out_dir: str | Path, report: RankingReport, *, title: str = "",
+                          fingerprint: str | None = None) -> dict[str, Path]:
     """Write the report (JSON, markdown), both plots and the daily/period tables into a fresh directory
-    that replaces ``out_dir`` in one rename."""
+    that replaces ``out_dir`` in one rename. ``fingerprint``: recorded in ``out_dir/.stage.json`` with the
+    outputs' digests (``stage_cache.write_record``: pipeline reuse, as the window backtest does)."""
     out_dir = Path(out_dir)
     summary = report.to_dict()
     names = {"report": REPORT_NAME, "markdown": MARKDOWN_NAME, "ic_decay": IC_DECAY_PLOT, "periods": PERIODS_NAME}
@@ -829,4 +833,7 @@ def write_ranking_outputs(out_dir: str | Path, report: RankingReport, *, title: 
                 daily["previous_net_return"] = prev["net_return"].reindex(daily["date"]).to_numpy()
                 daily["previous_equity"] = prev["equity"].reindex(daily["date"]).to_numpy()
             daily.to_parquet(tmp / DAILY_NAME, index=False)
+        if fingerprint is not None:
+            write_record(tmp, fingerprint, [tmp / n for n in names.values()],
+                         {"bundle": summary.get("bundle")})
     return {k: out_dir / v for k, v in names.items()}
