@@ -8,6 +8,7 @@ the asset's run config (:class:`SymbolGraphConfig`, defaults = ``GraphConfig``'s
 """
 
 
+import dataclasses
 from typing import Any
 
 import dagster as dg
@@ -19,6 +20,8 @@ from sentinel_pipeline.data.symbol_graph import (
     graph_dir,
     run_symbol_graph,
 )
+from sentinel_pipeline.data_half import synthetic_panel_sector_file
+from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.orchestration.metadata import file_size_mb, image, md_kv_table, md_table, sparkline
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.stage_cache import StageInputError
@@ -40,9 +43,11 @@ class SymbolGraphConfig(dg.Config):
     sector_level: str = GraphConfig.sector_level
     sector_weight: float = GraphConfig.sector_weight
     max_sector_edges: int = GraphConfig.max_sector_edges
+    # without a sector_file: on the synthetic panel, join its own sector map as sector edges
+    synthetic_panel_sectors: bool = True
 
     def to_config(self) -> GraphConfig:
-        return GraphConfig(**self.model_dump())
+        return GraphConfig(**self.model_dump(exclude={"synthetic_panel_sectors"}))
 
 
 def graph_metadata(s: dict[str, Any], plot: Any = None) -> dict[str, Any]:
@@ -77,12 +82,19 @@ def graph_metadata(s: dict[str, Any], plot: Any = None) -> dict[str, Any]:
 
 
 @dg.asset(group_name="graph", deps=["dataset_splits", "hdf5_splits"], kinds={"parquet", "numpy"}, pool=WRITE_POOL)
-def symbol_graph(context: dg.AssetExecutionContext, config: SymbolGraphConfig, settings: PipelineSettings):
+def symbol_graph(context: dg.AssetExecutionContext, config: SymbolGraphConfig, settings: PipelineSettings,
+                 data_settings: DataHalfSettings):
     """Which symbols exchange information per day: top-k return-correlation edges from the train window
-    (or point-in-time versions), optional sector edges; node_features.parquet, edges_static.parquet, graph.json."""
+    (or point-in-time versions), optional sector edges; node_features.parquet, edges_static.parquet, graph.json.
+    Sector map: ``sector_file`` when given; else, on the synthetic panel, the panel's own sector map."""
     paths = settings.paths()
     try:
-        summary = run_symbol_graph(paths, config.to_config())  # GraphConfig checks its values (ValueError)
+        graph_config = config.to_config()  # GraphConfig checks its values (ValueError)
+        if graph_config.sector_file is None and config.synthetic_panel_sectors:
+            sectors = synthetic_panel_sector_file(paths, data_settings.to_config())
+            if sectors is not None and sectors.is_file():
+                graph_config = dataclasses.replace(graph_config, sector_file=str(sectors))
+        summary = run_symbol_graph(paths, graph_config)
     except (StageInputError, GraphFileError, ValueError) as exc:
         raise dg.Failure(description=f"symbol_graph: {exc}") from exc
     folder = graph_dir(paths)
