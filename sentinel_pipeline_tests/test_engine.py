@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sentinel_pipeline.data.feature_contract import ContractError
-from sentinel_pipeline.training import engine
 from sentinel_pipeline.training.checkpoints import BEST_KEYS, load_best, load_resume
 from sentinel_pipeline.training.engine import TrainingDivergedError, TrainingError, completed_run, train
+from sentinel_pipeline.training.families import get_family
 from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
 
 LIMIT = 240
@@ -163,19 +163,20 @@ def test_poisoned_batch_keeps_the_earlier_checkpoint(
 ) -> None:
     out = tmp_path / "run"
     config = train_config(data, out, limit_samples=LIMIT, epochs=3)
-    real = engine.compute_losses
+    family = get_family("window_models")
+    real = family.losses
     calls = {"n": 0}
     steps_per_epoch = -(-LIMIT // 16)
 
-    def poisoned(spec, outputs, batch, class_weights):
-        total, heads = real(spec, outputs, batch, class_weights)
+    def poisoned(spec, outputs, batch, state):
+        total, heads = real(spec, outputs, batch, state)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == steps_per_epoch + 3:  # third step of epoch 2
                 total = total * float("nan")
         return total, heads
 
-    monkeypatch.setattr(engine, "compute_losses", poisoned)
+    monkeypatch.setattr(family, "losses", poisoned)  # the loop calls the family's losses
     with pytest.raises(TrainingDivergedError, match="epoch 2, step 3"):
         train(config, progress=False)
     assert load_best(out / "model_best.pt")["epoch"] == 1
