@@ -20,13 +20,21 @@ bf16 autocast  off                            on CUDA only (never on CPU)
 shuffle        off                            on (order reseeded from (seed, epoch))
 ============== ============================== ==============================================
 
-Validation uses ``max(batch size, 256)`` samples per batch (no gradients, so memory is small).
+Validation uses ``max(batch size, 256)`` samples per batch (no gradients, so memory is small). The
+1024 and 256 are the defaults of ``ModelFamily.throughput_batch_size`` / ``min_eval_batch_size``; batch
+sizes are in the unit of the model family's batcher.
+
+The loop knows no model family: the variant's family (``training.families``, protocol in
+``families/base.py``) gives the batcher, the losses, the per-batch telemetry, the epoch metrics, the
+final evaluation, the baselines and the extra bundle files; the engine owns what every family shares.
 
 The loop: the model is built once from the resolved architecture config and moved to the device once;
-``train()``/``eval()`` are toggled explicitly; AdamW; optional ``ReduceLROnPlateau`` (stepped on the
-monitor) or ``CosineAnnealingWarmRestarts`` (stepped per epoch); gradient clipping; validation
-without gradients every epoch; early stopping on the monitor (val loss, or val macro-F1 for
-classifiers) after ``patience`` epochs without improvement. A non-finite loss or gradient norm raises
+``train()``/``eval()`` are toggled explicitly; the optimizer (AdamW or AdaBelief) and an optional
+scheduler (``ReduceLROnPlateau``, stepped on the monitor, or ``CosineAnnealingWarmRestarts``, stepped
+per epoch) come from the typed config (``training.optim``; left at ``None``, the family's
+preference); gradient clipping; validation without gradients every epoch; early stopping on the
+monitor (val loss, or a family metric such as val macro-F1 for classifiers) after ``patience`` epochs
+without improvement. A non-finite loss or gradient norm raises
 :class:`TrainingDivergedError`: ``model_best.pt``, ``resume.pt`` and any bundle stay as they were.
 Step statistics stay on the device and are checked every ``log_every`` steps and at the end of each
 epoch, so the loop does not synchronise with the GPU at every step.
@@ -54,8 +62,8 @@ Before the first epoch the untrained model is evaluated on the validation split 
 ``metrics_sane`` compares the best validation loss with.
 
 Per-epoch telemetry (logged, in ``metrics.json["history"]``, drawn in ``loss_curve.png``): train and
-val loss per head and in total, grad-norm mean/max, class balance of the direction target over the
-train batches, learning rate, wall seconds, throughput (samples/s) and the loader's share of the
+val loss per head and in total, grad-norm mean/max, the family's batch telemetry (the window family:
+class balance of the direction target over the train batches) and epoch metrics, learning rate, wall seconds, throughput (samples/s) and the loader's share of the
 training time (time spent waiting for the next batch / epoch training time).
 """
 
@@ -283,9 +291,8 @@ def resolve_settings(config: TrainConfig, spec: VariantSpec, device: torch.devic
     monitor = config.monitor or spec.monitor
     modes = {"val_loss": "min", **family.monitor_modes(spec), spec.monitor: spec.monitor_mode}
     if monitor not in modes:
-        what = "a classification head" if monitor == "val_macro_f1" else f"a family metric {monitor!r}"
-        raise ConfigError(f"monitor {monitor!r} needs {what}; variant {spec.name!r} has none "
-                          f"(it can monitor {sorted(modes)})")
+        hint = family.monitor_hints.get(monitor, "is not one of its metrics")
+        raise ConfigError(f"monitor {monitor!r} {hint}; variant {spec.name!r} can monitor {sorted(modes)}")
     return ResolvedSettings(
         device=str(device),
         batch_size=int(batch_size),
@@ -505,7 +512,7 @@ def _predict(run: _Run) -> dict[str, Any]:
     Outputs and kept keys are written into arrays allocated once for the whole split (sized from the
     first batch), not collected per batch and concatenated: small per-batch arrays that outlive their
     batch sit between the freed batch-sized blocks and fragment the heap. Measured on an 800k-row
-    train split (seq_ctx_fusion, 480 KiB val windows per batch): the per-batch lists made anonymous
+    train split (the GRU fusion window model, 480 KiB val windows per batch): the per-batch lists made anonymous
     memory jump by ~330 MiB during a val pass in 4 of 6 runs (peak RSS 1.1-1.4 GiB instead of 0.8).
     """
     settings, family, spec, model, batcher = run.settings, run.family, run.spec, run.model, run.val_batcher

@@ -46,6 +46,7 @@ from torch import nn
 if TYPE_CHECKING:  # only for annotations: the families never import the engine or the config at run time
     from sentinel_pipeline.data.split_arrays import SplitArrays
 
+# the batch kinds the project knows; a family may declare another (a lower-case identifier), e.g. in tests
 BATCH_KINDS: tuple[str, ...] = ("windows", "days", "text_events")
 N_CLASSES = 3  # tb_class: 0 = down, 1 = neutral, 2 = up
 INPUT_GROUPS = ("seq", "snap", "ctx_cat", "ctx_cont")
@@ -154,10 +155,14 @@ class ModelFamily:
     # scheduler parameters under the config's: {"optimizer": "adamw", "optimizer_params": {...},
     # "scheduler": "none", "scheduler_params": {"cosine_restarts": {...}, "plateau": {...}}}
     optimizer_defaults: Mapping[str, Any] = {"optimizer": "adamw", "scheduler": "none"}
+    # why a monitor is not available for a variant, e.g. {"val_macro_f1": "needs a classification head"}
+    monitor_hints: Mapping[str, str] = {}
     # batch sizes in the family's unit (see make_batcher): the ``throughput`` profile's train batch
     # size, and the floor of the validation batch size (validation runs without gradients)
     throughput_batch_size: int = 1024
     min_eval_batch_size: int = 256
+    # batch size of scoring a split for the gates and backtests (evaluation.predictions.score_split)
+    score_batch_size: int = 1024
 
     # -- architecture and model ----------------------------------------------------------------
 
@@ -279,8 +284,9 @@ class ModelFamily:
         """Raise ``ValueError`` when the declaration is inconsistent (done at registration)."""
         if not self.name:
             raise ValueError(f"{type(self).__name__}: a model family needs a name")
-        if self.batch_kind not in BATCH_KINDS:
-            raise ValueError(f"model family {self.name!r}: batch_kind {self.batch_kind!r} not in {BATCH_KINDS}")
+        if not (isinstance(self.batch_kind, str) and self.batch_kind.isidentifier() and self.batch_kind.islower()):
+            raise ValueError(f"model family {self.name!r}: batch_kind {self.batch_kind!r} is not a lower-case "
+                             f"identifier (known kinds: {BATCH_KINDS})")
         if not self.variants:
             raise ValueError(f"model family {self.name!r} declares no variant")
         for spec in self.variants:

@@ -249,6 +249,7 @@ class WindowModels(ModelFamily):
     variants = tuple(_VARIANTS.values())
     eval_keys = ("targets", "tb_class", "timestamp")
     optimizer_defaults = {"optimizer": "adamw", "scheduler": "none"}
+    monitor_hints = {"val_macro_f1": "needs a classification head"}
 
     def resolve_arch(
         self,
