@@ -948,13 +948,10 @@ def _epoch_loop(run: _Run, progress: bool, on_epoch_end: Callable[[dict[str, Any
 
 
 def _log_epoch(run: _Run, record: dict[str, Any], lr: float) -> None:
-    # the family's float validation metrics (e.g. " val-macro-F1 0.4123"), in record order
-    extra = "".join(f" {k.replace('_', '-').replace('-f1', '-F1')} {v:.4f}" for k, v in record.items()
-                    if k.startswith("val_") and k not in ("val_loss", "val_seconds") and isinstance(v, float))
     log.info(
         "epoch %d/%d: train %.6g val %.6g%s | %s %.6g%s | grad-norm mean %.3g max %.3g | %.0f samples/s, "
         "loader %.0f%% | lr %.3g | %.1fs", record["epoch"], run.config.epochs, record["train_loss"],
-        record["val_loss"], extra, run.settings.monitor, record["monitor_value"],
+        record["val_loss"], run.family.epoch_log(run.spec, record), run.settings.monitor, record["monitor_value"],
         " (best)" if record["improved"] else "", record["grad_norm_mean"], record["grad_norm_max"],
         record["throughput_samples_per_s"] or 0.0, 100 * (record["loader_share"] or 0.0), lr,
         record["epoch_seconds"],

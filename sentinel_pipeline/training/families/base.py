@@ -256,6 +256,11 @@ class ModelFamily:
         :attr:`eval_keys` of the batches, both in sample order over the whole validation split)."""
         return {}
 
+    def epoch_log(self, spec: VariantSpec, record: Mapping[str, Any]) -> str:
+        """Text added after the validation loss in the epoch's log line (e.g. ``" val-macro-F1 0.4123"``),
+        from the epoch's history record. Default: nothing."""
+        return ""
+
     def evaluate(
         self, spec: VariantSpec, outputs: dict[str, np.ndarray], kept: dict[str, np.ndarray],
         baselines: Mapping[str, Any],

@@ -358,6 +358,10 @@ class WindowModels(ModelFamily):
         return {"val_macro_f1": float(f1_score(kept["tb_class"], y_pred, labels=list(range(N_CLASSES)),
                                                 average="macro", zero_division=0))}
 
+    def epoch_log(self, spec: VariantSpec, record: Mapping[str, Any]) -> str:
+        f1 = record.get("val_macro_f1")
+        return "" if f1 is None else f" val-macro-F1 {f1:.4f}"
+
     def evaluate(
         self, spec: VariantSpec, outputs: dict[str, np.ndarray], kept: dict[str, np.ndarray],
         baselines: Mapping[str, Any],
