@@ -75,6 +75,22 @@ def test_cli_flags_override_the_file_which_overrides_defaults(tmp_path: Path) ->
     assert config.seq_len == 30  # default where neither says anything
 
 
+def test_optimizer_scheduler_and_family_input_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("family_inputs:\n  symbol_graph: g1\n  other: o1\n" + "".join(f"{k}: {v}\n" for k, v in PATHS.items()))
+    args = cli.build_parser().parse_args(["--config", str(f), "--optimizer", "adabelief", "--scheduler",
+                                          "cosine_restarts", "--family-input", "symbol_graph=g2"])
+    file_config = load_config(args.config)
+    config = merge_cli(file_config, cli._overrides(args, file_config))
+    assert (config.optimizer, config.scheduler) == ("adabelief", "cosine_restarts")
+    assert config.family_inputs == {"symbol_graph": Path("g2"), "other": Path("o1")}  # the flag wins per name
+    assert TrainConfig(**json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        cli._overrides(cli.build_parser().parse_args(["--family-input", "symbol_graph"]))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--optimizer", "sgd"])
+
+
 def test_flags_not_given_do_not_override() -> None:
     args = cli.build_parser().parse_args([])
     assert cli._overrides(args) == {}
