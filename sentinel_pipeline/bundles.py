@@ -13,8 +13,9 @@ second). It holds :data:`BUNDLE_FILES`:
 ``feature_contract_hash.txt`` its hash, one line
 ``feature_schema.txt``      the ordered feature names per group
 ``train_config.json``       the resolved training configuration
-``bundle_metadata.json``    variant, context support and dims, seq_len, data windows, label
-                            parameters, library and code versions, created_at
+``bundle_metadata.json``    format version, variant, model family and batch kind, context support
+                            and dims, seq_len, data windows, label parameters, library and code
+                            versions, created_at
 ``metrics.json``            the run's metrics (per-epoch history, final validation evaluation)
 ``loss_curve.png``          train vs val loss per head
 ``train_log.txt``           the run's log
@@ -24,6 +25,16 @@ second). It holds :data:`BUNDLE_FILES`:
 ``records/``                (optional, added after release) verification and replay records, with
                             their own ``records/manifest.json``; see :func:`write_record`
 =========================== ===============================================================
+
+A model family may add files it needs at inference (``ModelFamily.bundle_files``, names from
+``ModelFamily.bundle_file_names``, e.g. a symbol graph); they are covered by the manifest like the
+others, and the entry rule allows exactly the names of the bundle's family.
+
+Format versions (``bundle_metadata.json["bundle_format_version"]``, :data:`BUNDLE_FORMAT_VERSION`):
+``1`` (no field: bundles written before model families) is a bundle of the window family, still loaded
+and verified; ``2`` records ``model_family`` and ``batch_kind``. A newer version, or a family that is
+not registered here, is refused with a message naming the bundle and what to do
+(:func:`bundle_format`).
 
 Writing is atomic: the bundle is assembled in a hidden temp directory next to its final place and
 renamed into place at the end (``atomic_io.atomic_dir``), so a crash never leaves anything that looks
@@ -82,7 +93,7 @@ from sentinel_pipeline.signing import (
     verify_manifest_signature,
 )
 from sentinel_pipeline.training.checkpoints import BEST_NAME, CheckpointError, load_best
-from sentinel_pipeline.training.models import build_model, get_variant
+from sentinel_pipeline.training.families import FAMILIES, FamilyData, ModelFamily, get_family, get_variant
 
 MANIFEST_NAME = "manifest.json"
 METADATA_NAME = "bundle_metadata.json"
@@ -102,6 +113,9 @@ BUNDLE_FILES: tuple[str, ...] = (
     METADATA_NAME,
 )
 REQUIRED_FILES: tuple[str, ...] = (*BUNDLE_FILES, MANIFEST_NAME, SIGNATURE_NAME)
+# 1: before model families (no version field; window family); 2: model_family and batch_kind recorded
+BUNDLE_FORMAT_VERSION = 2
+LEGACY_FAMILY = "window_models"  # the family of a format-1 bundle
 DATA_HALF_SCALERS_KEY = "data_half_scalers"  # bundle_metadata.json: sha256 of the data half's scaler files
 LIBRARIES: tuple[str, ...] = ("torch", "numpy", "pandas", "scikit-learn", "dagster", "h5py", "pyarrow", "joblib")
 NAME_RE = re.compile(r"^(?P<variant>[A-Za-z0-9_]+?)__(?P<ts>\d{8}T\d{6}Z)__(?P<hash>[0-9a-f]+)(?:__(?P<n>\d+))?$")
@@ -128,6 +142,10 @@ class LoadedBundle:
     checkpoint_epoch: int
     checkpoint_val_loss: float
     device: torch.device
+    family: str = LEGACY_FAMILY  # the model family (ModelFamily.name)
+    batch_kind: str = "windows"
+    format_version: int = BUNDLE_FORMAT_VERSION
+    family_data: FamilyData | None = None  # the family's extra inputs read from the bundle
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -225,6 +243,8 @@ def write_bundle(
     data_windows: Mapping[str, Any],
     extra_metadata: Mapping[str, Any] | None = None,
     signing_key: str | os.PathLike[str] | None = None,
+    family_files: Mapping[str, str | os.PathLike[str]] | None = None,
+    family_input_digests: Mapping[str, str] | None = None,
 ) -> Path:
     """Assemble a bundle from a finished run directory (or a ``TrainResult``); returns its path.
 
@@ -235,7 +255,9 @@ def write_bundle(
 
     Refuses (``BundleError``) a run whose files are missing, whose metrics name another contract than
     ``contract_path``, a schema that differs from the contract, or scalers fitted for another contract.
-    ``data_windows`` is ``{split: {"start": iso, "end": iso, ...}}``.
+    ``data_windows`` is ``{split: {"start": iso, "end": iso, ...}}``. ``family_files`` (``{name: source
+    path}``, names among the family's ``bundle_file_names``) are copied in and covered by the manifest;
+    ``family_input_digests`` (the content identity of the family's inputs) go into the metadata.
     """
     run_dir = Path(getattr(train_result_or_run_dir, "out_dir", train_result_or_run_dir))
     models_dir, scalers_dir = Path(models_dir), Path(scalers_dir)
@@ -265,11 +287,26 @@ def write_bundle(
             f"{contract_path} has {contract.hash}"
         )
     arch = ckpt["arch"]
-    spec = get_variant(arch["variant"])
+    try:
+        spec = get_variant(arch["variant"])
+    except ValueError as exc:
+        raise BundleError(f"cannot write a bundle from run {run_dir}: {exc}") from exc
+    extras = {str(k): Path(v) for k, v in (family_files or {}).items()}
+    allowed = get_family(spec.family).bundle_file_names
+    bad = sorted(n for n in extras if n not in allowed or n in REQUIRED_FILES or n != Path(n).name)
+    if bad:
+        raise BundleError(f"cannot write a bundle from run {run_dir}: family files {bad} are not among the "
+                          f"bundle files family {spec.family!r} declares ({list(allowed)})")
+    missing_extras = [str(p) for p in extras.values() if not p.is_file()]
+    if missing_extras:
+        raise BundleError(f"cannot write a bundle from run {run_dir}: family files {missing_extras} do not exist")
     dims = contract.dims()
     created = datetime.now(UTC).replace(microsecond=0)
     metadata: dict[str, Any] = {
+        "bundle_format_version": BUNDLE_FORMAT_VERSION,
         "model_variant": spec.name,
+        "model_family": spec.family,
+        "batch_kind": spec.batch_kind,
         "feature_contract_hash": contract.hash,
         "supports_context_features": bool(
             contract.context_features and any(g.startswith("ctx") and dims[g] > 0 for g in spec.inputs)
@@ -288,6 +325,7 @@ def write_bundle(
         "code_version": code_version(),
         "created_at": created.isoformat().replace("+00:00", "Z"),
         DATA_HALF_SCALERS_KEY: {"dir": str(scalers_dir.resolve()), "sha256": scaler_digests},
+        **({"family_inputs": dict(family_input_digests)} if family_input_digests else {}),
         **dict(extra_metadata or {}),
     }
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +337,8 @@ def write_bundle(
             _copy(scalers_dir / name, tmp / name)
         _copy(contract_path, tmp / "feature_contract.json")
         _copy(schema_path, tmp / "feature_schema.txt")
+        for name, src in sorted(extras.items()):
+            _copy(src, tmp / name)
         write_text_atomic(tmp / HASH_NAME, contract.hash + "\n")
         write_json_atomic(tmp / METADATA_NAME, metadata)
         for name in SCALER_FILES:  # the copies must be what was recorded (no change in between)
@@ -325,13 +365,60 @@ def build_manifest(bundle_dir: str | Path) -> dict[str, Any]:
 # -- checking and loading ---------------------------------------------------------------------
 
 
+def bundle_format(metadata: Mapping[str, Any], bundle_dir: str | Path) -> tuple[int, ModelFamily]:
+    """``(format version, model family)`` of a bundle from its ``bundle_metadata.json``.
+
+    No ``bundle_format_version``: format 1, a window-family bundle written before model families.
+    Raises ``BundleError`` naming the bundle and what to do for a version newer than
+    :data:`BUNDLE_FORMAT_VERSION` (or not a positive integer), a family that is not registered, a variant
+    that is not the family's, or a batch kind that differs from the family's."""
+    where = f"{bundle_dir}: {METADATA_NAME}"
+    version = metadata.get("bundle_format_version", 1)
+    if type(version) is not int or version < 1:
+        raise BundleError(f"{where}: bundle_format_version {version!r} is not a format version (a positive "
+                          "integer); the bundle is damaged: retrain it")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{where}: bundle format version {version} is newer than this sentinel-pipeline reads "
+                          f"(formats 1..{BUNDLE_FORMAT_VERSION}); load it with the sentinel-pipeline version that "
+                          "wrote it (or a newer one), or retrain the model with this one")
+    family_name = LEGACY_FAMILY if version == 1 else metadata.get("model_family")
+    family = FAMILIES.get(family_name) if isinstance(family_name, str) else None
+    if family is None:
+        raise BundleError(f"{where}: model family {family_name!r} is not registered in this sentinel-pipeline "
+                          f"(registered: {sorted(FAMILIES)}); use a version that has the family (its module "
+                          "listed in training/families FAMILY_MODULES), or retrain the model")
+    variant = metadata.get("model_variant")
+    if variant not in {spec.name for spec in family.variants}:
+        raise BundleError(f"{where}: model_variant {variant!r} is not a variant of family {family.name!r} "
+                          f"({[spec.name for spec in family.variants]})"
+                          + (" (a format-1 bundle is a window-family bundle)" if version == 1 else ""))
+    if version >= 2 and metadata.get("batch_kind") != family.batch_kind:
+        raise BundleError(f"{where}: batch_kind {metadata.get('batch_kind')!r} is not family {family.name!r}'s "
+                          f"({family.batch_kind!r})")
+    return version, family
+
+
+def family_file_names(bundle_dir: str | Path) -> tuple[str, ...]:
+    """The extra file names the bundle's family may add (``ModelFamily.bundle_file_names``); none when the
+    metadata is unreadable or names no registered family (the checks that read it report why)."""
+    try:
+        metadata = json.loads(read_regular(Path(bundle_dir) / METADATA_NAME, MAX_SMALL_FILE))
+        if not isinstance(metadata, dict):
+            return ()
+        return tuple(bundle_format(metadata, bundle_dir)[1].bundle_file_names)
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError):
+        return ()
+
+
 def entry_problems(bundle_dir: str | Path, *, require_signature: bool = True) -> list[str]:
     """The unexpected-file rule, shared by verification and :func:`load_bundle` (an empty list: ok).
 
     The bundle directory is a real directory (not a symlink) holding exactly :data:`REQUIRED_FILES`,
     each a regular file (``lstat``: symlinks, directories, FIFOs, devices are refused), plus optionally
     ``records/``: a real directory holding only :data:`RECORD_FILES` and its ``manifest.json``, all
-    regular files. Only names and types are looked at; no file is read.
+    regular files. The files the bundle's model family declares (``ModelFamily.bundle_file_names``) are
+    allowed too; apart from ``bundle_metadata.json`` (which names the family), only names and types are
+    looked at.
     """
     bundle_dir = Path(bundle_dir)
     try:
@@ -343,13 +430,14 @@ def entry_problems(bundle_dir: str | Path, *, require_signature: bool = True) ->
     if not stat.S_ISDIR(st.st_mode):
         return [f"{bundle_dir}: not a directory"]
     required = REQUIRED_FILES if require_signature else tuple(n for n in REQUIRED_FILES if n != SIGNATURE_NAME)
+    extras = family_file_names(bundle_dir)
     problems: list[str] = []
     present: dict[str, os.stat_result] = {p.name: os.lstat(p) for p in bundle_dir.iterdir()}
     missing = [n for n in required if n not in present]
     if missing:
         problems.append(f"missing {missing}")
     for name, entry in sorted(present.items()):
-        if name in REQUIRED_FILES:
+        if name in REQUIRED_FILES or name in extras:
             if not stat.S_ISREG(entry.st_mode):
                 problems.append(f"{name}: {_kind(entry)}, not a regular file")
         elif name == RECORDS_DIR:
@@ -407,9 +495,10 @@ def check_manifest(bundle_dir: str | Path) -> list[str]:
         return [f"{manifest_path}: unsupported hash algorithm {manifest.get('algorithm')!r}"]
     problems: list[str] = []
     problems += [f"{name}: required file not listed in the manifest" for name in BUNDLE_FILES if name not in files]
+    allowed = (*BUNDLE_FILES, *family_file_names(bundle_dir))
     for name, entry in sorted(files.items()):
-        if name not in BUNDLE_FILES:
-            problems.append(f"{name!r}: not a bundle file name; the manifest may list only {list(BUNDLE_FILES)}")
+        if name not in allowed:
+            problems.append(f"{name!r}: not a bundle file name; the manifest may list only {list(allowed)}")
             continue
         path = bundle_dir / name
         if not os.path.lexists(path):
@@ -470,7 +559,9 @@ def load_bundle(
 
     Raises ``BundleError`` for an unsigned bundle or one signed by an untrusted key, for any file the
     entry rule refuses (extra files, symlinks, non-regular files), listing every manifest problem,
-    and for a contract hash that differs from ``expected_hash`` or between the bundle's own files.
+    for a contract hash that differs from ``expected_hash`` or between the bundle's own files, and for
+    a format version or model family this code does not read (:func:`bundle_format`). The model is
+    built by the bundle's family, which also reads its extra files (``LoadedBundle.family_data``).
     """
     bundle_dir = Path(bundle_dir)
     problems = trusted_bundle_problems(bundle_dir, trusted_keys)
@@ -483,6 +574,7 @@ def load_bundle(
         if stated != contract.hash:
             raise ContractError(f"{HASH_NAME} states {stated}, feature_contract.json hashes to {contract.hash}")
         metadata = _read_json(bundle_dir / METADATA_NAME)
+        version, family = bundle_format(metadata, bundle_dir)
         if metadata.get("feature_contract_hash") != contract.hash:
             raise ContractError(f"{METADATA_NAME} names contract {metadata.get('feature_contract_hash')}")
         ckpt = load_best(bundle_dir / BEST_NAME)
@@ -491,9 +583,10 @@ def load_bundle(
             raise ContractError(
                 f"{METADATA_NAME} names variant {metadata.get('model_variant')!r}, checkpoint {arch['variant']!r}"
             )
-        model = build_model(arch)
+        model = family.build_model(arch)
         model.load_state_dict(ckpt["model_state_dict"], strict=True)
         scalers = load_scalers(bundle_dir, contract.hash, contract)
+        family_data = family.load_bundle_data(bundle_dir)
     except BundleError:
         raise
     except (ValueError, RuntimeError, OSError) as exc:  # ContractError / CheckpointError are ValueErrors
@@ -516,6 +609,10 @@ def load_bundle(
         checkpoint_epoch=int(ckpt["epoch"]),
         checkpoint_val_loss=float(ckpt["val_loss"]),
         device=dev,
+        family=family.name,
+        batch_kind=family.batch_kind,
+        format_version=version,
+        family_data=family_data,
     )
 
 

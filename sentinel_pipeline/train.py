@@ -30,6 +30,7 @@ from typing import Any
 from sentinel_pipeline.training.config import (
     DEVICES,
     MONITORS,
+    OPTIMIZERS,
     PROFILES,
     SCHEDULERS,
     ConfigError,
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--models-dir", help="write a model bundle here after training")
     io.add_argument("--scalers-dir", help="fitted scalers for the bundle (default <artifacts>/scalers)")
     io.add_argument("--expected-hash", help="feature contract hash the splits must carry")
+    io.add_argument("--family-input", action="append", metavar="NAME=PATH",
+                    help="an extra input of the model's family, e.g. symbol_graph=artifacts/symbol_graph "
+                    "(repeatable; over the config file's family_inputs)")
     io.add_argument("--no-arrow", dest="prefer_arrow", action="store_const", const=False, default=None,
                     help="read the HDF5 files even when a valid Arrow cache exists")
     t = p.add_argument_group("training")
@@ -65,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, help="window length in bars (default 30)")
     t.add_argument("--batch-size", type=int, help="batch size (default: the profile's)")
     t.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
-    t.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-3)")
-    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    t.add_argument("--learning-rate", type=float, help="learning rate (default 1e-3)")
+    t.add_argument("--weight-decay", type=float, help="(decoupled) weight decay (default 1e-4)")
     t.add_argument("--grad-clip", type=float, help="gradient norm clip (default 1.0)")
-    t.add_argument("--scheduler", choices=SCHEDULERS, help="learning-rate scheduler (default none)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="optimizer (default: the model family's; adamw for the window models)")
+    t.add_argument("--scheduler", choices=SCHEDULERS,
+                   help="learning-rate scheduler (default: the model family's; none for the window models)")
     t.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 5)")
     t.add_argument("--monitor", choices=MONITORS, help="early-stopping monitor (default: the variant's)")
     t.add_argument("--limit-samples", type=int, help="use only the first N samples of each split")
@@ -88,9 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"config", "no_progress"}
-    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+def _overrides(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flags that were given, as TrainConfig fields (``--family-input`` entries laid over the config
+    file's ``family_inputs``)."""
+    skip = {"config", "no_progress", "family_input"}
+    out = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    if getattr(args, "family_input", None):
+        inputs = dict((base or {}).get("family_inputs") or {})
+        for item in args.family_input:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--family-input {item!r}: expected NAME=PATH")
+            inputs[name] = path
+        out["family_inputs"] = inputs
+    return out
 
 
 def _set_threads(threads: int | None) -> None:
@@ -167,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         file_config = load_config(args.config) if args.config else {}
-        config = merge_cli(file_config, _overrides(args))
+        config = merge_cli(file_config, _overrides(args, file_config))
     except ConfigError as exc:
         parser.print_usage(sys.stderr)
         print(f"sentinel-train: error: {exc}", file=sys.stderr)

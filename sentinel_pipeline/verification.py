@@ -124,6 +124,7 @@ from sentinel_pipeline.bundles import (
     RECORDS_DIR,
     REQUIRED_FILES,
     BundleError,
+    bundle_format,
     check_manifest,
     check_records,
     check_signature,
@@ -150,12 +151,8 @@ from sentinel_pipeline.data.scalers import (
 )
 from sentinel_pipeline.signing import SignatureError, load_signing_key, sign_bytes, verify_signed_bytes
 from sentinel_pipeline.training.checkpoints import BEST_NAME, load_best
-from sentinel_pipeline.training.data_loader import (
-    WindowBatcher,
-    chronological_end_rows,
-    load_split_for_training,
-)
-from sentinel_pipeline.training.models import VARIANTS, VariantSpec, build_model, resolve_arch
+from sentinel_pipeline.training.data_loader import chronological_end_rows, load_split_for_training
+from sentinel_pipeline.training.families import VARIANTS, FamilyData, ModelFamily, VariantSpec
 
 RECORD_NAME = "verification.json"
 RECORD_SIGNATURE_NAME = "verification.sig"
@@ -466,6 +463,8 @@ class _Context:
     contract: FeatureContract | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)
     spec: VariantSpec | None = None
+    family: ModelFamily | None = None  # the bundle's model family (bundles.bundle_format)
+    family_data: FamilyData | None = None  # its extra inputs, read from the bundle
     metrics: dict[str, Any] = field(default_factory=dict)
     gate_h5: Path | None = None
     model: torch.nn.Module | None = None
@@ -532,12 +531,12 @@ def _check_metadata_agrees(ctx: _Context) -> str:
     contract = ctx.contract
     assert contract is not None
     meta = _read_json_object(ctx.file(METADATA_NAME))
+    try:  # format version, registered family, the variant one of the family's
+        version, family = bundle_format(meta, ctx.bundle_dir)
+    except BundleError as exc:
+        raise CheckFailed(str(exc)) from exc
     variant = meta.get("model_variant")
-    if variant not in VARIANTS:
-        raise CheckFailed(
-            f"{METADATA_NAME}: model_variant {variant!r} is not a known variant {sorted(VARIANTS)}"
-        )
-    spec = VARIANTS[variant]
+    spec = family.variant(variant)
     dims = contract.dims()
     supports_ctx = contract.context_features and any(g.startswith("ctx") and dims[g] > 0 for g in spec.inputs)
     ckpt = load_best(ctx.file(BEST_NAME))  # weights_only=True, exact keys
@@ -571,7 +570,7 @@ def _check_metadata_agrees(ctx: _Context) -> str:
         )
     if not problems:
         hyper = {k: arch[k] for k in spec.default_arch if k in arch}
-        expected_arch = resolve_arch(spec, dims, contract.ctx_cat_cardinalities, seq_len, hyper)
+        expected_arch = family.resolve_arch(spec, dims, contract.ctx_cat_cardinalities, seq_len, hyper)
         problems += [
             f"{BEST_NAME} arch {key} is {arch.get(key)!r}, the contract gives {expected_arch.get(key)!r}"
             for key in sorted(set(arch) | set(expected_arch))
@@ -588,9 +587,9 @@ def _check_metadata_agrees(ctx: _Context) -> str:
     )
     if problems:
         raise CheckFailed("; ".join(problems))
-    ctx.checkpoint, ctx.spec = ckpt, spec
+    ctx.checkpoint, ctx.spec, ctx.family = ckpt, spec, family
     return (
-        f"{variant}: context support {supports_ctx}, ctx dims {dims['ctx_cat']}+{dims['ctx_cont']}, seq_len {seq_len}, "
+        f"{variant} (family {family.name}, bundle format {version}): context support {supports_ctx}, ctx dims {dims['ctx_cat']}+{dims['ctx_cont']}, seq_len {seq_len}, "
         f"input_dim {ckpt['input_dim']}; checkpoint architecture matches the contract"
     )
 
@@ -610,9 +609,10 @@ def _validation_path(ctx: _Context) -> Path:
 
 
 def _check_model_loads(ctx: _Context) -> str:
-    assert ctx.contract is not None and ctx.spec is not None
+    assert ctx.contract is not None and ctx.spec is not None and ctx.family is not None
+    family = ctx.family
     arch = ctx.checkpoint["arch"]
-    model = build_model(arch)
+    model = family.build_model(arch)
     try:
         model.load_state_dict(ctx.checkpoint["model_state_dict"], strict=True)
     except RuntimeError as exc:
@@ -626,13 +626,18 @@ def _check_model_loads(ctx: _Context) -> str:
     for group in FEATURE_GROUPS:
         if list(split.feature_names.get(group, [])) != ctx.contract.names(group):
             raise CheckFailed(f"{path}: {group} feature names differ from the bundle's contract")
-    batcher = WindowBatcher(
-        split, seq_len=arch["seq_len"], batch_size=FORWARD_SAMPLES, limit_samples=FORWARD_SAMPLES
-    )
-    if batcher.n_samples == 0:
+    try:
+        ctx.family_data = family.load_bundle_data(ctx.bundle_dir)
+    except (ValueError, OSError) as exc:
+        raise CheckFailed(f"files of model family {family.name!r}: {exc}") from exc
+    # the family's batcher over the earliest FORWARD_SAMPLES samples, as training batched them
+    first = dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, FORWARD_SAMPLES)))
+    batcher = family.make_batcher(first, seq_len=int(arch["seq_len"]), batch_size=FORWARD_SAMPLES, shuffle=False,
+                                  seed=0, data=ctx.family_data)
+    if batcher.n_samples == 0 or len(batcher) == 0:
         raise CheckFailed(f"{path}: the validation split has no samples for the forward pass")
     batch = batcher.batch(0)
-    n = batcher.n_samples
+    n = family.samples_in(batch)
     with torch.inference_mode():
         outputs = model(batch)
     problems = []
@@ -785,12 +790,8 @@ def _check_metrics_reproduced(ctx: _Context) -> str:
     """A forward pass over the validation split (what ``final_val`` describes) reproduces
     ``metrics.json``: the sample count exactly, the best checkpoint's validation loss and, per head,
     mse / IC / rank IC (regression) or accuracy / macro-F1 (classification) within the tolerance."""
-    from sentinel_pipeline.training.data_loader import TARGET_NAMES
-    from sentinel_pipeline.training.evaluation import evaluate_predictions
-    from sentinel_pipeline.training.losses import class_weights_from_counts, compute_losses
-
-    spec, contract, model = ctx.spec, ctx.contract, ctx.model
-    assert spec is not None and contract is not None and model is not None
+    spec, contract, model, family = ctx.spec, ctx.contract, ctx.model, ctx.family
+    assert spec is not None and contract is not None and model is not None and family is not None
     metrics = ctx.metrics or _read_json_object(ctx.file(METRICS_NAME))
     config = _read_json_object(ctx.file(CONFIG_NAME))
     amp = bool((metrics.get("settings") or {}).get("bf16_autocast"))
@@ -805,24 +806,24 @@ def _check_metrics_reproduced(ctx: _Context) -> str:
     # the batch's weights), so the mean validation loss depends on how the split was batched
     eval_batch = (metrics.get("settings") or {}).get("eval_batch_size")
     batch_size = int(eval_batch) if isinstance(eval_batch, int) and eval_batch > 0 else 1024
-    batcher = WindowBatcher(split, seq_len=int(arch["seq_len"]), batch_size=batch_size)
+    # the family's batcher, chronological, with the run's validation batch size: what training did
+    batcher = family.make_batcher(split, seq_len=int(arch["seq_len"]), batch_size=batch_size, shuffle=False,
+                                  seed=0, data=ctx.family_data or FamilyData())
     baselines = metrics.get("baselines") or {}
-    weights = None
-    if spec.uses_class_weights:
-        counts = baselines.get("class_counts")
-        if not isinstance(counts, list) or len(counts) != 3:
-            raise CheckFailed(f"{METRICS_NAME}: no train class counts (baselines.class_counts) for the class weights")
-        weights = class_weights_from_counts(counts)
+    try:
+        state = family.loss_state(spec, baselines, torch.device("cpu"))
+    except ValueError as exc:
+        raise CheckFailed(f"{METRICS_NAME}: {exc}") from exc
     heads = [h.name for h in spec.heads]
     outs: dict[str, list[np.ndarray]] = {h: [] for h in heads}
-    kept: dict[str, list[np.ndarray]] = {"targets": [], "tb_class": [], "timestamp": []}
+    kept: dict[str, list[np.ndarray]] = {k: [] for k in family.eval_keys}
     loss_sum, n = 0.0, 0
     with torch.inference_mode():
         for b in range(len(batcher)):
             batch = batcher.batch(b)
             outputs = {k: v.float() for k, v in model(batch).items()}
-            total, _ = compute_losses(spec, outputs, batch, weights)
-            size = int(batch["tb_class"].shape[0])
+            total, _ = family.losses(spec, outputs, batch, state)
+            size = family.samples_in(batch)
             loss_sum += float(total) * size
             n += size
             for h in heads:
@@ -833,9 +834,8 @@ def _check_metrics_reproduced(ctx: _Context) -> str:
     if n == 0 or n != final.get("n_samples"):
         raise CheckFailed(f"{path.name}: {n} validation samples, {METRICS_NAME} final_val describes "
                           f"{final.get('n_samples')!r} (not this split)")
-    recomputed = evaluate_predictions(
-        spec, {h: np.concatenate(v) for h, v in outs.items()}, np.concatenate(kept["targets"]), list(TARGET_NAMES),
-        np.concatenate(kept["tb_class"]), np.concatenate(kept["timestamp"]), baselines)
+    recomputed = family.evaluate(spec, {h: np.concatenate(v) for h, v in outs.items()},
+                                 {k: np.concatenate(v) for k, v in kept.items()}, baselines)
     problems = []
     val_loss = loss_sum / n
     if not _close(val_loss, ctx.checkpoint["val_loss"], rtol):
@@ -886,7 +886,7 @@ def _check_quality_gates(ctx: _Context) -> str:
     horizon = int(split.label_params.get("horizon") or 0)
     if horizon < 1:
         raise CheckFailed(f"{path}: no label horizon in its label_params {split.label_params!r}")
-    pred = score_split(model, ctx.checkpoint["arch"], split)
+    pred = score_split(model, ctx.checkpoint["arch"], split, data=ctx.family_data)
     lag = max(horizon, int(gates.hac_lag or 0))
     common = {"min_windows": int(gates.min_windows)}
     results: list[skill_gates.GateResult] = []

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from sentinel_pipeline.data.feature_contract import ContractError
-from sentinel_pipeline.training import engine
 from sentinel_pipeline.training.checkpoints import BEST_KEYS, load_best, load_resume
 from sentinel_pipeline.training.engine import TrainingDivergedError, TrainingError, completed_run, train
+from sentinel_pipeline.training.families import get_family
 from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
 
 LIMIT = 240
@@ -82,6 +82,46 @@ def test_interrupted_run_resumes_bit_for_bit(data: TrainingData, tmp_path: Path)
     assert "resuming" in (out / "train_log.txt").read_text()
 
 
+SCHEDULER_CASES = {
+    "none": {},
+    "plateau": {"patience": 0, "factor": 0.5, "threshold": 0.5},  # needs a 50 % gain: the LR drops
+    "cosine_restarts": {"T_0": 2, "T_mult": 2, "eta_min": 5e-5},
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULER_CASES))
+@pytest.mark.parametrize("optimizer", ["adamw", "adabelief"])
+def test_every_optimizer_and_scheduler_resumes_bit_for_bit(
+    data: TrainingData, tmp_path: Path, optimizer: str, scheduler: str
+) -> None:
+    """Killed after epoch 1 and resumed, a run ends with the weights, optimizer state, learning rates
+    and metrics of the uninterrupted run, for every optimizer x scheduler pair (dropout and shuffling on)."""
+    kw = {"model": "mlp_two_head", "limit_samples": LIMIT, "shuffle": True, "batch_size": 32, "epochs": 3,
+          "optimizer": optimizer, "scheduler": scheduler, "scheduler_params": SCHEDULER_CASES[scheduler],
+          "learning_rate": 3e-3}
+    full = train(train_config(data, tmp_path / "full", **kw), progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        train(train_config(data, out, **kw), progress=False, on_epoch_end=_stop_after(1))
+    resumed = train(train_config(data, out, **kw), progress=False)
+    assert resumed.resumed_from_epoch == 1
+    assert _losses(resumed.history) == _losses(full.history)
+    a, b = load_resume(out / "resume.pt"), load_resume(tmp_path / "full" / "resume.pt")
+    _assert_same_weights(a["model_state_dict"], b["model_state_dict"])
+    _assert_same_weights(load_best(out / "model_best.pt")["model_state_dict"],
+                         load_best(full.best_checkpoint)["model_state_dict"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        _assert_same_weights(sa, sb)
+    assert a["scheduler"] == b["scheduler"]
+    assert resumed.metrics["final_val"] == full.metrics["final_val"]
+    assert resumed.metrics["best_val_loss"] == full.metrics["best_val_loss"]
+    # the optimizer really is the one asked for, and a scheduler really moved the learning rate
+    state = next(iter(b["optimizer"]["state"].values()))
+    assert ("exp_avg_var" in state) == (optimizer == "adabelief"), sorted(state)
+    lrs = [h["lr"] for h in full.history]
+    assert (len(set(lrs)) > 1) == (scheduler != "none"), lrs
+
+
 def test_untrained_evaluation_leaves_the_run_unchanged(
     data: TrainingData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +186,15 @@ def test_resume_with_another_configuration_is_refused(data: TrainingData, tmp_pa
         train(train_config(data, tmp_path, limit_samples=LIMIT), progress=False, on_epoch_end=_stop_after(1))
     with pytest.raises(TrainingError, match="different configuration"):
         train(train_config(data, tmp_path, limit_samples=LIMIT, learning_rate=0.01), progress=False)
+    # the optimizer and the scheduler (with its parameters) are part of the configuration
+    for changed in ({"optimizer": "adabelief"}, {"optimizer_params": {"eps": 1e-6}}, {"scheduler": "plateau"},
+                    {"scheduler": "cosine_restarts", "scheduler_params": {"T_0": 3}}):
+        with pytest.raises(TrainingError, match="different configuration"):
+            train(train_config(data, tmp_path, limit_samples=LIMIT, **changed), progress=False)
+    # the family's defaults written out are the same run: it resumes
+    same = train(train_config(data, tmp_path, limit_samples=LIMIT, optimizer="adamw", scheduler="none"),
+                 progress=False)
+    assert same.resumed_from_epoch == 1
 
 
 def test_exploding_learning_rate_stops_with_diverged_error(data: TrainingData, tmp_path: Path) -> None:
@@ -163,19 +212,20 @@ def test_poisoned_batch_keeps_the_earlier_checkpoint(
 ) -> None:
     out = tmp_path / "run"
     config = train_config(data, out, limit_samples=LIMIT, epochs=3)
-    real = engine.compute_losses
+    family = get_family("window_models")
+    real = family.losses
     calls = {"n": 0}
     steps_per_epoch = -(-LIMIT // 16)
 
-    def poisoned(spec, outputs, batch, class_weights):
-        total, heads = real(spec, outputs, batch, class_weights)
+    def poisoned(spec, outputs, batch, state):
+        total, heads = real(spec, outputs, batch, state)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == steps_per_epoch + 3:  # third step of epoch 2
                 total = total * float("nan")
         return total, heads
 
-    monkeypatch.setattr(engine, "compute_losses", poisoned)
+    monkeypatch.setattr(family, "losses", poisoned)  # the loop calls the family's losses
     with pytest.raises(TrainingDivergedError, match="epoch 2, step 3"):
         train(config, progress=False)
     assert load_best(out / "model_best.pt")["epoch"] == 1

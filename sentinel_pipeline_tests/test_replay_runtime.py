@@ -34,7 +34,8 @@ from sentinel_pipeline.replay import (
     simulate_trades,
     write_replay_outputs,
 )
-from sentinel_pipeline.replay.runtime import scale_features
+from sentinel_pipeline.replay.runtime import check_replayable, scale_features
+from sentinel_pipeline.training.families import HeadSpec, ModelFamily, VariantSpec, registered
 from sentinel_pipeline.training.models import build_model, resolve_arch
 
 SEQ_LEN = 8
@@ -221,6 +222,29 @@ def test_replay_refuses_bad_bundles_and_bars(scalers: FittedScalers, market: pd.
         replay_bundle(replace(bundle, metadata={}), market, CFG)
     with pytest.raises(ValueError, match="sorted"):
         replay_bundle(bundle, market.iloc[::-1], CFG)
+
+
+class FakeDayFamily(ModelFamily):
+    """A stand-in family whose batches are whole days (registered only inside the test)."""
+
+    name = "fake_days"
+    batch_kind = "days"
+    variants = (VariantSpec(name="fake_day_ranker", inputs=("seq",),
+                            heads=(HeadSpec("ret_5", "regression", "fwd_ret_5", 1, "mse"),),
+                            default_arch={}, monitor="val_loss", monitor_mode="min", default_batch_size=1,
+                            classifier=False, build=lambda arch: nn.Identity(), family="fake_days",
+                            batch_kind="days"),)
+
+
+def test_replay_refuses_a_bundle_whose_batches_are_not_windows(scalers: FittedScalers, market: pd.DataFrame) -> None:
+    bundle = replace(probe_bundle(scalers, name="models/fake_day_ranker__x"), variant="fake_day_ranker")
+    with registered(FakeDayFamily()):
+        with pytest.raises(ValueError, match=r"models/fake_day_ranker__x: replay serves models of batch kind "
+                                             r"'windows' only; 'fake_day_ranker' \(family 'fake_days'\) reads 'days'"):
+            replay_bundle(bundle, market, CFG)
+        with pytest.raises(ValueError, match="backtest stage"):
+            replay_comparison(bundle, None, market, CFG)
+    check_replayable(probe_bundle(scalers))  # a window-family bundle passes
 
 
 def test_comparison_with_previous_bundle_and_outputs(tmp_path: Path, scalers: FittedScalers, market: pd.DataFrame) -> None:

@@ -17,7 +17,16 @@ import torch
 import yaml
 
 from sentinel_pipeline.atomic_io import write_json_atomic
-from sentinel_pipeline.bundles import BUNDLE_FILES, RECORD_FILES, build_manifest, records_dir, write_record
+from sentinel_pipeline.bundles import (
+    BUNDLE_FILES,
+    BUNDLE_FORMAT_VERSION,
+    RECORD_FILES,
+    BundleError,
+    build_manifest,
+    load_bundle,
+    records_dir,
+    write_record,
+)
 from sentinel_pipeline.data.scalers import ClippedRobustScaler
 from sentinel_pipeline.training.checkpoints import load_best, save_best
 from sentinel_pipeline.training.engine import train
@@ -235,6 +244,42 @@ def test_metadata_disagreeing_fails_metadata_agrees(
 ) -> None:
     _edit_json(bundle, "bundle_metadata.json", lambda m: m.update({key: value}))
     _assert_caught_by(_verify(bundle, data), "metadata_agrees", key)
+
+
+# -- bundle format versions --------------------------------------------------------------------
+
+
+def test_a_format_1_bundle_still_loads_and_verifies(bundle: Path, data: TrainingData) -> None:
+    """A bundle written before model families (no format version, family or batch kind in its metadata)
+    is a window-family bundle: it loads and passes every check."""
+    _edit_json(bundle, "bundle_metadata.json",
+               lambda m: [m.pop(k) for k in ("bundle_format_version", "model_family", "batch_kind")])
+    assert "bundle_format_version" not in json.loads((bundle / "bundle_metadata.json").read_text())
+    report = _verify(bundle, data)
+    assert report.passed, report.render()
+    assert "bundle format 1" in report.check("metadata_agrees").detail
+    loaded = load_bundle(bundle, expected_hash=data.hash)
+    assert (loaded.format_version, loaded.family, loaded.batch_kind) == (1, "window_models", "windows")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        ({"bundle_format_version": BUNDLE_FORMAT_VERSION + 1},
+         (f"bundle format version {BUNDLE_FORMAT_VERSION + 1} is newer", "retrain")),
+        ({"bundle_format_version": "2"}, ("bundle_format_version '2' is not a format version",)),
+        ({"model_family": "graph_magic"}, ("model family 'graph_magic' is not registered", "FAMILY_MODULES")),
+        ({"batch_kind": "days"}, ("batch_kind 'days' is not family 'window_models'",)),
+    ],
+)
+def test_an_unknown_format_or_family_is_refused_naming_the_bundle(
+    bundle: Path, data: TrainingData, edit: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    _edit_json(bundle, "bundle_metadata.json", lambda m: m.update(edit))
+    _assert_caught_by(_verify(bundle, data), "metadata_agrees", str(bundle), *fragments)
+    with pytest.raises(BundleError, match=str(bundle)) as err:
+        load_bundle(bundle, expected_hash=data.hash)
+    assert all(f in str(err.value) for f in fragments)
 
 
 def test_unparseable_metadata_is_a_failed_check(bundle: Path, data: TrainingData) -> None:

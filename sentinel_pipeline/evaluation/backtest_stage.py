@@ -83,12 +83,13 @@ def backtest_loaded_bundle(
     """Score ``test`` with the bundle's model and backtest it; the holding period defaults to the test
     split's label horizon. When the entry rule is ``threshold`` and no threshold is configured, it is
     fitted on the bundle's own signal over the validation split (``validation()`` loads it lazily)."""
-    predictions = score_split(bundle.model, bundle.arch, test)
+    family_data = getattr(bundle, "family_data", None)  # a family's extra inputs read from the bundle
+    predictions = score_split(bundle.model, bundle.arch, test, data=family_data)
     horizon = test.label_params.get("horizon")
     source = "not used"
     if resolve_entry_rule(predictions, config) == "threshold":
         if config.threshold is None:
-            val = score_split(bundle.model, bundle.arch, validation())
+            val = score_split(bundle.model, bundle.arch, validation(), data=family_data)
             config = dataclasses.replace(config, threshold=threshold_from_validation(val["signal"], config.fraction))
             source = "validation split"
         else:

@@ -48,9 +48,10 @@ from sentinel_pipeline.replay.feature_config import feature_config_from_contract
 from sentinel_pipeline.replay.metrics import equity_curve, trade_metrics
 from sentinel_pipeline.replay.report import compare_reports, jsonable, plot_equity_curves, write_replay_report
 from sentinel_pipeline.replay.trades import random_entry_baseline, simulate_trades
-from sentinel_pipeline.training.models import signal_from_outputs
+from sentinel_pipeline.training.families import get_variant, signal_from_outputs
 
 PARITY_ATOL = 1e-6
+REPLAY_BATCH_KIND = "windows"  # the replay builds one window per symbol and step: window families only
 KEY_COLUMNS: tuple[str, ...] = ("symbol", "timestamp")
 
 
@@ -219,9 +220,23 @@ def _bars_frame(steps: list[_Step], order: np.ndarray, contract: FeatureContract
     return pd.DataFrame(cols), raw_features
 
 
+def check_replayable(bundle: ReplayableBundle) -> None:
+    """Refuse (``ValueError`` naming the bundle) a bundle whose model family does not read one window
+    per sample: the replay rebuilds exactly that input at each step."""
+    spec = get_variant(bundle.variant)
+    if spec.batch_kind != REPLAY_BATCH_KIND:
+        raise ValueError(
+            f"{bundle.path}: replay serves models of batch kind {REPLAY_BATCH_KIND!r} only; {spec.name!r} (family "
+            f"{spec.family!r}) reads {spec.batch_kind!r} batches. Judge it with the backtest stage "
+            "(evaluation.backtest_stage) instead."
+        )
+
+
 def replay_bundle(bundle: ReplayableBundle, raw_bars: pd.DataFrame, config: ReplayConfig | None = None) -> ReplayResult:
     """Replay ``bundle`` on the replay window of ``raw_bars`` (validated bars, ``data.raw_bars`` form,
-    sorted by (symbol, timestamp)), one timestamp at a time (see the module docstring)."""
+    sorted by (symbol, timestamp)), one timestamp at a time (see the module docstring). A bundle of a
+    family whose batches are not windows is refused (:func:`check_replayable`)."""
+    check_replayable(bundle)
     t_start = time.perf_counter()
     config = config or ReplayConfig()
     contract = bundle.contract

@@ -20,13 +20,21 @@ bf16 autocast  off                            on CUDA only (never on CPU)
 shuffle        off                            on (order reseeded from (seed, epoch))
 ============== ============================== ==============================================
 
-Validation uses ``max(batch size, 256)`` samples per batch (no gradients, so memory is small).
+Validation uses ``max(batch size, 256)`` samples per batch (no gradients, so memory is small). The
+1024 and 256 are the defaults of ``ModelFamily.throughput_batch_size`` / ``min_eval_batch_size``; batch
+sizes are in the unit of the model family's batcher.
+
+The loop knows no model family: the variant's family (``training.families``, protocol in
+``families/base.py``) gives the batcher, the losses, the per-batch telemetry, the epoch metrics, the
+final evaluation, the baselines and the extra bundle files; the engine owns what every family shares.
 
 The loop: the model is built once from the resolved architecture config and moved to the device once;
-``train()``/``eval()`` are toggled explicitly; AdamW; optional ``ReduceLROnPlateau`` (stepped on the
-monitor) or ``CosineAnnealingWarmRestarts`` (stepped per epoch); gradient clipping; validation
-without gradients every epoch; early stopping on the monitor (val loss, or val macro-F1 for
-classifiers) after ``patience`` epochs without improvement. A non-finite loss or gradient norm raises
+``train()``/``eval()`` are toggled explicitly; the optimizer (AdamW or AdaBelief) and an optional
+scheduler (``ReduceLROnPlateau``, stepped on the monitor, or ``CosineAnnealingWarmRestarts``, stepped
+per epoch) come from the typed config (``training.optim``; left at ``None``, the family's
+preference); gradient clipping; validation without gradients every epoch; early stopping on the
+monitor (val loss, or a family metric such as val macro-F1 for classifiers) after ``patience`` epochs
+without improvement. A non-finite loss or gradient norm raises
 :class:`TrainingDivergedError`: ``model_best.pt``, ``resume.pt`` and any bundle stay as they were.
 Step statistics stay on the device and are checked every ``log_every`` steps and at the end of each
 epoch, so the loop does not synchronise with the GPU at every step.
@@ -54,8 +62,8 @@ Before the first epoch the untrained model is evaluated on the validation split 
 ``metrics_sane`` compares the best validation loss with.
 
 Per-epoch telemetry (logged, in ``metrics.json["history"]``, drawn in ``loss_curve.png``): train and
-val loss per head and in total, grad-norm mean/max, class balance of the direction target over the
-train batches, learning rate, wall seconds, throughput (samples/s) and the loader's share of the
+val loss per head and in total, grad-norm mean/max, the family's batch telemetry (the window family:
+class balance of the direction target over the train batches) and epoch metrics, learning rate, wall seconds, throughput (samples/s) and the loader's share of the
 training time (time spent waiting for the next batch / epoch training time).
 """
 
@@ -72,13 +80,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 from sentinel_pipeline.atomic_io import probe_writable, sweep_stale_temps, write_json_atomic
@@ -89,9 +96,9 @@ from sentinel_pipeline.data.feature_contract import (
     read_contract,
     read_feature_schema,
 )
-from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
+from sentinel_pipeline.data.split_arrays import SplitArrays
 from sentinel_pipeline.locking import LockTimeout, bundle_writes_lock, run_dir_lock
-from sentinel_pipeline.training import runtime
+from sentinel_pipeline.training import optim, runtime
 from sentinel_pipeline.training.checkpoints import (
     BEST_NAME,
     RESUME_NAME,
@@ -106,15 +113,19 @@ from sentinel_pipeline.training.checkpoints import (
 from sentinel_pipeline.training.config import ConfigError, TrainConfig
 from sentinel_pipeline.training.data_loader import (
     Batch,
-    WindowBatcher,
     chronological_end_rows,
     load_split_for_training,
     make_dataloader,
     to_device,
 )
-from sentinel_pipeline.training.evaluation import CLASS_NAMES, evaluate_predictions, train_baselines
-from sentinel_pipeline.training.losses import class_weights_from_counts, compute_losses
-from sentinel_pipeline.training.models import N_CLASSES, VariantSpec, build_model, get_variant, resolve_arch
+from sentinel_pipeline.training.families import (
+    Batcher,
+    FamilyData,
+    ModelFamily,
+    VariantSpec,
+    get_family,
+    get_variant,
+)
 from sentinel_pipeline.training.plots import plot_loss_curves
 
 log = logging.getLogger(__name__)
@@ -124,17 +135,14 @@ METRICS_NAME = "metrics.json"
 CURVE_NAME = "loss_curve.png"
 CONFIG_NAME = "train_config.json"
 RUN_OUTPUTS: tuple[str, ...] = (BEST_NAME, RESUME_NAME, METRICS_NAME, CURVE_NAME, CONFIG_NAME)
-THROUGHPUT_BATCH_SIZE = 1024
-MIN_EVAL_BATCH_SIZE = 256
-SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "plateau": {"factor": 0.5, "patience": 2},
-    "cosine_restarts": {"T_0": 5, "T_mult": 1, "eta_min": 0.0},
-}
+THROUGHPUT_BATCH_SIZE = ModelFamily.throughput_batch_size  # the defaults; a family may set its own
+MIN_EVAL_BATCH_SIZE = ModelFamily.min_eval_batch_size
+SCHEDULER_DEFAULTS = optim.SCHEDULER_DEFAULTS
 _SCHEMA_HASH_RE = re.compile(r"^#\s*feature schema of contract\s+([0-9a-f]+)")
 # config fields that change the result of a run; a resume.pt recorded for other values is refused
 _FINGERPRINT_FIELDS: tuple[str, ...] = (
     "model", "seq_len", "seed", "learning_rate", "weight_decay", "limit_samples", "patience",
-    "scheduler", "scheduler_params", "grad_clip",
+    "scheduler_params", "grad_clip",
 )
 
 
@@ -214,14 +222,59 @@ class _EarlyStopping:
         self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
 
 
+@dataclass
+class _Run:
+    """Everything a run holds once set up (:func:`_setup`); the loop reads the family through it only."""
+
+    config: TrainConfig
+    out_dir: Path
+    spec: VariantSpec
+    family: ModelFamily
+    settings: ResolvedSettings
+    inputs: _Inputs
+    data: FamilyData
+    arch: dict[str, Any]
+    train_batcher: Batcher
+    val_batcher: Batcher
+    baselines: dict[str, Any]
+    loss_state: Any
+    model: torch.nn.Module
+    setup: optim.OptimSetup
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stopper: _EarlyStopping
+    fingerprint: str
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial_val: dict[str, Any] | None = None  # the untrained model on the validation split
+    start_epoch: int = 1
+    complete: bool = False
+    stopped_early: bool = False
+    resumed_from: int | None = None
+
+    def save_state(self, epoch: int) -> None:
+        """``resume.pt`` after ``epoch``: everything needed to continue bit for bit."""
+        save_resume(self.out_dir / RESUME_NAME, {
+            "fingerprint": self.fingerprint, "run_id": self.run_id, "epoch": epoch, "complete": self.complete,
+            "stopped_early": self.stopped_early, "model_state_dict": cpu_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "early_stopping": self.stopper.state(), "history": self.history, "rng": capture_rng_state(),
+            "initial_val": self.initial_val,
+        })
+
+
 # -- settings and inputs ----------------------------------------------------------------------
 
 
 def resolve_settings(config: TrainConfig, spec: VariantSpec, device: torch.device) -> ResolvedSettings:
-    """The profile's values for every setting the config left at ``None`` (see module docstring)."""
+    """The profile's values for every setting the config left at ``None`` (see module docstring);
+    batch sizes in the unit of the variant's family (``ModelFamily.throughput_batch_size``,
+    ``ModelFamily.min_eval_batch_size``)."""
+    family = get_family(spec.family)
     throughput = config.profile == "throughput"
     cuda = device.type == "cuda"
-    batch_size = config.batch_size or (THROUGHPUT_BATCH_SIZE if throughput else spec.default_batch_size)
+    batch_size = config.batch_size or (family.throughput_batch_size if throughput else spec.default_batch_size)
     if config.num_workers is not None:
         workers = config.num_workers
     else:
@@ -236,19 +289,20 @@ def resolve_settings(config: TrainConfig, spec: VariantSpec, device: torch.devic
         log.warning("pin_memory was requested without CUDA: ignored")
         pin = False
     monitor = config.monitor or spec.monitor
-    has_classifier = any(h.kind == "classification" for h in spec.heads)
-    if monitor == "val_macro_f1" and not has_classifier:
-        raise ConfigError(f"monitor 'val_macro_f1' needs a classification head; variant {spec.name!r} has none")
+    modes = {"val_loss": "min", **family.monitor_modes(spec), spec.monitor: spec.monitor_mode}
+    if monitor not in modes:
+        hint = family.monitor_hints.get(monitor, "is not one of its metrics")
+        raise ConfigError(f"monitor {monitor!r} {hint}; variant {spec.name!r} can monitor {sorted(modes)}")
     return ResolvedSettings(
         device=str(device),
         batch_size=int(batch_size),
-        eval_batch_size=max(int(batch_size), MIN_EVAL_BATCH_SIZE),
+        eval_batch_size=max(int(batch_size), family.min_eval_batch_size),
         num_workers=int(workers),
         pin_memory=bool(pin),
         bf16_autocast=bool(bf16),
         shuffle=config.shuffle if config.shuffle is not None else throughput,
         monitor=monitor,
-        monitor_mode="max" if monitor == "val_macro_f1" else "min",
+        monitor_mode=modes[monitor],
     )
 
 
@@ -293,9 +347,18 @@ def _limited(split: SplitArrays, limit: int | None) -> SplitArrays:
     return dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, limit)))
 
 
-def _fingerprint(config: TrainConfig, settings: ResolvedSettings, arch: dict[str, Any], inputs: _Inputs) -> str:
+def _fingerprint(
+    config: TrainConfig, settings: ResolvedSettings, arch: dict[str, Any], inputs: _Inputs,
+    setup: optim.OptimSetup, data: FamilyData,
+) -> str:
+    """A digest of everything that changes the result of a run (a ``resume.pt`` of another is refused).
+
+    The optimizer block and the family inputs enter only when they differ from what every run used
+    before they existed (AdamW with its defaults, no family input), so that runs recorded before
+    keep their fingerprint and resume."""
     body = {
         **{name: getattr(config, name) for name in _FINGERPRINT_FIELDS},
+        "scheduler": setup.scheduler,
         "batch_size": settings.batch_size,
         "shuffle": settings.shuffle,
         "bf16_autocast": settings.bf16_autocast,
@@ -305,21 +368,13 @@ def _fingerprint(config: TrainConfig, settings: ResolvedSettings, arch: dict[str
         "train_checksum": inputs.train.attrs.get("content_checksum"),
         "val_checksum": inputs.val.attrs.get("content_checksum"),
     }
+    legacy_scheduler = {**optim.SCHEDULER_DEFAULTS.get(setup.scheduler, {}), **config.scheduler_params}
+    if (setup.optimizer, setup.optimizer_params) != ("adamw", {}) or setup.scheduler_params != legacy_scheduler:
+        body["optim"] = setup.to_dict()
+    if config.family_inputs or data.digests:
+        body["family_inputs"] = {"paths": {k: str(v) for k, v in config.family_inputs.items()},
+                                 "digests": dict(data.digests)}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer, mode: str
-) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-    if config.scheduler == "none":
-        return None
-    params = {**SCHEDULER_DEFAULTS[config.scheduler], **config.scheduler_params}
-    try:
-        if config.scheduler == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, **params)
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, **params)
-    except TypeError as exc:
-        raise ConfigError(f"scheduler_params {config.scheduler_params} for {config.scheduler!r}: {exc}") from exc
 
 
 def _iterate(loader: Iterable[Batch]) -> Iterable[Batch]:
@@ -399,29 +454,18 @@ def _autocast(settings: ResolvedSettings) -> Any:
     return nullcontext()
 
 
-def _train_epoch(
-    *,
-    epoch: int,
-    n_epochs: int,
-    model: torch.nn.Module,
-    spec: VariantSpec,
-    batcher: WindowBatcher,
-    settings: ResolvedSettings,
-    optimizer: torch.optim.Optimizer,
-    class_weights: torch.Tensor | None,
-    grad_clip: float,
-    log_every: int,
-    progress: bool,
-) -> dict[str, Any]:
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> dict[str, Any]:
+    """One pass over the train batches: forward, the family's losses, backward, clipping, step."""
+    config, settings, family, spec = run.config, run.settings, run.family, run.spec
     device = torch.device(settings.device)
-    heads = [h.name for h in spec.heads]
-    stats = _StepStats(heads)
-    class_counts = np.zeros(N_CLASSES, dtype=np.int64)
+    model, optimizer, batcher = run.model, run.optimizer, run.train_batcher
+    stats = _StepStats([h.name for h in spec.heads])
+    telemetry = family.batch_telemetry(spec)
     batcher.set_epoch(epoch)
     loader = make_dataloader(batcher, num_workers=settings.num_workers, pin_memory=settings.pin_memory)
     model.train()
     wait = 0.0
-    bar = tqdm(total=len(batcher), desc=f"epoch {epoch}/{n_epochs}", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=len(batcher), desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr, disable=not progress,
                leave=False, dynamic_ncols=True)
     t_start = time.perf_counter()
     it = _iterate(loader)
@@ -429,19 +473,19 @@ def _train_epoch(
         t0 = time.perf_counter()
         cpu_batch = next(it)
         wait += time.perf_counter() - t0
-        class_counts += np.bincount(cpu_batch["tb_class"].numpy(), minlength=N_CLASSES)[:N_CLASSES]
+        telemetry.add(cpu_batch)
         batch = to_device(cpu_batch, device)
         with _autocast(settings):
             outputs = model(batch)
         outputs = {k: v.float() for k, v in outputs.items()}
-        total, per_head = compute_losses(spec, outputs, batch, class_weights)
+        total, per_head = family.losses(spec, outputs, batch, run.loss_state)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        stats.add(total, per_head, gnorm, int(cpu_batch["tb_class"].shape[0]))
-        if step % log_every == 0 or step == len(batcher):
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        stats.add(total, per_head, gnorm, family.samples_in(cpu_batch))
+        if step % config.log_every == 0 or step == len(batcher):
             stats.flush(epoch)  # raises on a non-finite value of any step since the last flush
-            if step % log_every == 0:
+            if step % config.log_every == 0:
                 log.info("epoch %d step %d/%d loss %.6g", epoch, step, len(batcher), stats.last_loss)
             bar.set_postfix(loss=f"{stats.last_loss:.4g}")
         optimizer.step()
@@ -449,9 +493,9 @@ def _train_epoch(
     bar.close()
     seconds = time.perf_counter() - t_start
     out = stats.summary()
+    out.update(telemetry.summary())
     out.update(
         {
-            "class_balance": dict(zip(CLASS_NAMES, map(int, class_counts), strict=True)),
             "train_seconds": seconds,
             "throughput_samples_per_s": stats.n_samples / seconds if seconds > 0 else None,
             "loader_share": wait / seconds if seconds > 0 else None,
@@ -461,25 +505,24 @@ def _train_epoch(
 
 
 @torch.no_grad()
-def _predict(
-    model: torch.nn.Module, spec: VariantSpec, batcher: WindowBatcher, settings: ResolvedSettings,
-    class_weights: torch.Tensor | None,
-) -> dict[str, Any]:
-    """Validation pass: mean losses (per head and total) and the outputs/targets as NumPy arrays.
+def _predict(run: _Run) -> dict[str, Any]:
+    """Validation pass: mean losses (per head and total) and the outputs / the family's ``eval_keys`` as
+    NumPy arrays in sample order.
 
-    Outputs and targets are written into arrays allocated once for the whole split (sized from the
+    Outputs and kept keys are written into arrays allocated once for the whole split (sized from the
     first batch), not collected per batch and concatenated: small per-batch arrays that outlive their
     batch sit between the freed batch-sized blocks and fragment the heap. Measured on an 800k-row
-    train split (seq_ctx_fusion, 480 KiB val windows per batch): the per-batch lists made anonymous
+    train split (the GRU fusion window model, 480 KiB val windows per batch): the per-batch lists made anonymous
     memory jump by ~330 MiB during a val pass in 4 of 6 runs (peak RSS 1.1-1.4 GiB instead of 0.8).
     """
+    settings, family, spec, model, batcher = run.settings, run.family, run.spec, run.model, run.val_batcher
     device = torch.device(settings.device)
     heads = [h.name for h in spec.heads]
     model.eval()
     loader = make_dataloader(batcher, num_workers=settings.num_workers, pin_memory=settings.pin_memory)
     sums = torch.zeros(len(heads) + 1, dtype=torch.float64, device=device)
     total_n = batcher.n_samples
-    kept = ("targets", "tb_class", "timestamp")
+    kept = tuple(family.eval_keys)
     out: dict[str, np.ndarray] = {}
     n = 0
     for cpu_batch in _iterate(loader):
@@ -487,8 +530,8 @@ def _predict(
         with _autocast(settings):
             outputs = model(batch)
         outputs = {k: v.float() for k, v in outputs.items()}
-        total, per_head = compute_losses(spec, outputs, batch, class_weights)
-        size = int(cpu_batch["tb_class"].shape[0])
+        total, per_head = family.losses(spec, outputs, batch, run.loss_state)
+        size = family.samples_in(cpu_batch)
         sums += torch.stack([total, *(per_head[h] for h in heads)]).double() * size
         parts = {**{h: outputs[h].detach().cpu().numpy() for h in heads}, **{k: cpu_batch[k].numpy() for k in kept}}
         if not out:
@@ -505,41 +548,18 @@ def _predict(
         "val_loss": float(values[0]),
         "val_head_losses": {h: float(v) for h, v in zip(heads, values[1:], strict=True)},
         "outputs": {h: out[h] for h in heads},
-        **{k: out[k] for k in kept},
+        "kept": {k: out[k] for k in kept},
         "n": n,
     }
-
-
-def _macro_f1(spec: VariantSpec, pred: dict[str, Any]) -> float | None:
-    head = next((h for h in spec.heads if h.kind == "classification"), None)
-    if head is None:
-        return None
-    y_pred = pred["outputs"][head.name].argmax(axis=1)
-    return float(f1_score(pred["tb_class"], y_pred, labels=list(range(N_CLASSES)), average="macro", zero_division=0))
 
 
 # -- summary ----------------------------------------------------------------------------------
 
 
 def head_vs_baseline(spec: VariantSpec, final_val: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per head: the model's metric and the trivial baseline's, side by side.
-
-    Regression heads compare ``mse`` with ``baseline_mse`` (train-mean predictor; lower is better),
-    classification heads ``macro_f1`` with ``baseline_macro_f1`` (train majority class; higher is better).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for head in spec.heads:
-        m = final_val["heads"][head.name]
-        if head.kind == "classification":
-            metric, model_v, base_v, higher = "macro_f1", m.get("macro_f1"), m.get("baseline_macro_f1"), True
-        else:
-            metric, model_v, base_v, higher = "mse", m.get("mse"), m.get("baseline_mse"), False
-        beats = None
-        if model_v is not None and base_v is not None:
-            beats = bool(model_v > base_v) if higher else bool(model_v < base_v)
-        out[head.name] = {"metric": metric, "higher_is_better": higher, "model": model_v, "baseline": base_v,
-                          "beats_baseline": beats}
-    return out
+    """Per head: the model's metric and the trivial baseline's, side by side (``ModelFamily.head_vs_baseline``
+    of the variant's family)."""
+    return get_family(spec.family).head_vs_baseline(spec, final_val)
 
 
 def _data_windows(inputs: _Inputs, train_used: int, val_used: int) -> dict[str, Any]:
@@ -629,9 +649,10 @@ def completed_run_if_idle(out_dir: str | Path, models_dir: str | Path | None) ->
         return None
 
 
-def _write_bundle(config: TrainConfig, out_dir: Path, inputs: _Inputs, metrics: dict[str, Any]) -> Path:
+def _write_bundle(run: _Run, metrics: dict[str, Any]) -> Path:
     from sentinel_pipeline.bundles import write_bundle
 
+    config = run.config
     existing = _existing_bundle(config.models_dir, metrics["variant"], metrics["run_id"])
     if existing is not None:
         log.info("bundle of this run already exists: %s", existing)
@@ -641,14 +662,16 @@ def _write_bundle(config: TrainConfig, out_dir: Path, inputs: _Inputs, metrics: 
     with bundle_writes_lock(config.models_dir):
         sweep_stale_temps(config.models_dir)
         path = write_bundle(
-            out_dir,
+            run.out_dir,
             models_dir=config.models_dir,
             scalers_dir=_scalers_dir(config),
-            contract_path=inputs.contract_path,
+            contract_path=run.inputs.contract_path,
             schema_path=config.feature_schema,
-            label_params=inputs.train.label_params,
+            label_params=run.inputs.train.label_params,
             data_windows=metrics["data_windows"],
             extra_metadata={"run_id": metrics["run_id"], "data_source": metrics["data_source"]},
+            family_files=run.family.bundle_files(run.data),
+            family_input_digests=run.data.digests,
         )
     log.info("wrote bundle %s", path)
     return path
@@ -740,6 +763,40 @@ def _train(
     config: TrainConfig, out_dir: Path, progress: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None,
     resuming: bool,
 ) -> TrainResult:
+    run = _setup(config, out_dir)
+    if resuming:
+        done = _resume(run)
+        if done is not None:
+            return done
+    else:
+        log.info("training %s on %s (%s) and %s (%s), contract %s", run.spec.name, config.train_h5,
+                 run.inputs.sources["train"], config.val_h5, run.inputs.sources["val"], run.inputs.expected_hash)
+    write_json_atomic(out_dir / CONFIG_NAME, {
+        **config.to_dict(), "optimizer": run.setup.optimizer, "scheduler": run.setup.scheduler,
+        "resolved": run.settings.to_dict(), "arch": run.arch, "feature_contract_hash": run.inputs.expected_hash,
+        "run_id": run.run_id, "model_family": run.family.name, "batch_kind": run.family.batch_kind,
+        "optim": run.setup.to_dict(),
+    })
+    log.info("settings: %s; %d train / %d val samples", run.settings.to_dict(), run.train_batcher.n_samples,
+             run.val_batcher.n_samples)
+    if not resuming:
+        _initial_validation(run)
+    _epoch_loop(run, progress, on_epoch_end)
+    t_final = time.perf_counter()
+    best_val_loss, final_val = _final_evaluation(run)
+    metrics = _metrics(run, best_val_loss, final_val, time.perf_counter() - t_final)
+    plot_loss_curves(run.history, out_dir / CURVE_NAME, title=f"{run.spec.name} ({run.inputs.expected_hash})")
+    write_json_atomic(out_dir / METRICS_NAME, metrics)
+    log.info("final validation (best epoch %s): %s", run.stopper.best_epoch,
+             json.dumps(metrics["head_vs_baseline"], default=str))
+    bundle = _write_bundle(run, metrics) if config.models_dir else None
+    return TrainResult(out_dir, out_dir / BEST_NAME, metrics, run.history, bundle, run.stopped_early,
+                       run.stopper.best_epoch, resumed_from_epoch=run.resumed_from)
+
+
+def _setup(config: TrainConfig, out_dir: Path) -> _Run:
+    """Threads, device, settings, inputs (the family's too), architecture, batchers, baselines, model,
+    optimizer, scheduler: a run ready for its first (or next) epoch."""
     # every training path (CLI, Pipes, tests) pins its thread count; None: runtime.default_thread_count
     n_threads = runtime.configure_threads(config.threads)
     log.info("torch intra-op threads: %d (%s; %d usable CPUs)", n_threads,
@@ -747,13 +804,50 @@ def _train(
              runtime.usable_cpu_count())
     try:
         spec = get_variant(config.model)
+        family = get_family(spec.family)
         device = runtime.select_device(config.device)
+        setup = optim.resolve(config.optimizer, config.optimizer_params, config.scheduler, config.scheduler_params,
+                              family.optimizer_defaults)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(str(exc)) from exc
     settings = resolve_settings(config, spec, device)
     runtime.seed_everything(config.seed)
     inputs = _load_inputs(config)
     _check_bundle_inputs(config, inputs)
+    try:
+        data = family.prepare(config, inputs)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"inputs of model family {family.name!r}: {exc}") from exc
+    arch = _resolve_arch(config, spec, family, inputs)
+    train_split = _limited(inputs.train, config.limit_samples)
+    val_split = _limited(inputs.val, config.limit_samples)
+    train_batcher = family.make_batcher(train_split, seq_len=config.seq_len, batch_size=settings.batch_size,
+                                        shuffle=settings.shuffle, seed=config.seed, data=data)
+    val_batcher = family.make_batcher(val_split, seq_len=config.seq_len, batch_size=settings.eval_batch_size,
+                                      shuffle=False, seed=config.seed, data=data)
+    for name, b, path in (("train", train_batcher, config.train_h5), ("val", val_batcher, config.val_h5)):
+        if b.n_samples == 0:
+            raise TrainingError(f"{path}: the {name} split has no samples to train on")
+    baselines = family.train_baselines(spec, train_split, data)
+    loss_state = family.loss_state(spec, baselines, device)
+    model = family.build_model(arch)
+    model.to(device)
+    optimizer = optim.build_optimizer(setup, model.parameters(), config.learning_rate, config.weight_decay)
+    try:
+        scheduler = optim.build_scheduler(setup, optimizer, settings.monitor_mode)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"scheduler_params {config.scheduler_params} for {setup.scheduler!r}: {exc}") from exc
+    return _Run(
+        config=config, out_dir=out_dir, spec=spec, family=family, settings=settings, inputs=inputs, data=data,
+        arch=arch, train_batcher=train_batcher, val_batcher=val_batcher, baselines=baselines,
+        loss_state=loss_state, model=model, setup=setup, optimizer=optimizer, scheduler=scheduler,
+        stopper=_EarlyStopping(settings.monitor_mode, config.patience),
+        fingerprint=_fingerprint(config, settings, arch, inputs, setup, data),
+    )
+
+
+def _resolve_arch(config: TrainConfig, spec: VariantSpec, family: ModelFamily, inputs: _Inputs) -> dict[str, Any]:
+    """The architecture from the feature schema's dims and the contract's cardinalities (never from data)."""
     dims = {g: len(inputs.schema[g]) for g in FEATURE_GROUPS}
     if dims["ctx_cat"] and inputs.contract is None:
         raise ContractError(
@@ -762,154 +856,127 @@ def _train(
         )
     cards = inputs.contract.ctx_cat_cardinalities if inputs.contract is not None else []
     try:
-        arch = resolve_arch(spec, dims, cards, config.seq_len, config.arch)
+        arch = family.resolve_arch(spec, dims, cards, config.seq_len, config.arch)
     except ValueError as exc:
         raise ConfigError(f"architecture of {spec.name!r}: {exc}") from exc
     for split, path in ((inputs.train, config.train_h5), (inputs.val, config.val_h5)):
         if config.seq_len > split.seq_len:
             raise ConfigError(f"{path}: seq_len {config.seq_len} is longer than the split's seq_len {split.seq_len}")
-    train_split = _limited(inputs.train, config.limit_samples)
-    val_split = _limited(inputs.val, config.limit_samples)
-    train_batcher = WindowBatcher(train_split, seq_len=config.seq_len, batch_size=settings.batch_size,
-                                  shuffle=settings.shuffle, seed=config.seed)
-    val_batcher = WindowBatcher(val_split, seq_len=config.seq_len, batch_size=settings.eval_batch_size)
-    for name, b, path in (("train", train_batcher, config.train_h5), ("val", val_batcher, config.val_h5)):
-        if b.n_samples == 0:
-            raise TrainingError(f"{path}: the {name} split has no samples to train on")
-    baselines = train_baselines(spec, train_split)
-    class_weights = (
-        class_weights_from_counts(baselines["class_counts"]).to(device) if spec.uses_class_weights else None
-    )
+    return arch
 
-    model = build_model(arch)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = _make_scheduler(config, optimizer, settings.monitor_mode)
-    stopper = _EarlyStopping(settings.monitor_mode, config.patience)
-    fingerprint = _fingerprint(config, settings, arch, inputs)
-    history: list[dict[str, Any]] = []
-    initial_val: dict[str, Any] | None = None  # the untrained model on the validation split
-    start_epoch = 1
-    run_id = uuid.uuid4().hex
-    complete, stopped_early, resumed_from = False, False, None
 
-    if resuming:
-        state = load_resume(out_dir / RESUME_NAME, map_location=device)
-        if state.get("fingerprint") != fingerprint:
-            raise TrainingError(
-                f"{out_dir / RESUME_NAME}: holds a run with a different configuration or data "
-                f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use --fresh or another out dir"
-            )
-        run_id = state["run_id"]
-        history = list(state["history"])
-        initial_val = state.get("initial_val")
-        stopper.load(state["early_stopping"])
-        complete, stopped_early = bool(state["complete"]), bool(state["stopped_early"])
-        resumed_from = int(state["epoch"])
-        if complete and (out_dir / METRICS_NAME).is_file():
-            metrics = json.loads((out_dir / METRICS_NAME).read_text(encoding="utf-8"))
-            log.info("run in %s is already complete (best epoch %s); not retraining (use --fresh to retrain)",
-                     out_dir, metrics.get("best_epoch"))
-            bundle = _write_bundle(config, out_dir, inputs, metrics) if config.models_dir else None
-            return TrainResult(out_dir, out_dir / BEST_NAME, metrics, history, bundle, stopped_early,
-                               stopper.best_epoch, already_complete=True, resumed_from_epoch=resumed_from)
-        model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
-        start_epoch = resumed_from + 1
-        log.info("resuming %s after epoch %d", out_dir, resumed_from)
-    else:
-        log.info("training %s on %s (%s) and %s (%s), contract %s", spec.name, config.train_h5,
-                 inputs.sources["train"], config.val_h5, inputs.sources["val"], inputs.expected_hash)
+def _resume(run: _Run) -> TrainResult | None:
+    """Restore the run from ``resume.pt`` (refused for another fingerprint). A completed run with its
+    metrics is returned as it is (``already_complete``, its bundle written if missing); else None and
+    the run continues after the last completed epoch."""
+    out_dir = run.out_dir
+    state = load_resume(out_dir / RESUME_NAME, map_location=torch.device(run.settings.device))
+    if state.get("fingerprint") != run.fingerprint:
+        raise TrainingError(
+            f"{out_dir / RESUME_NAME}: holds a run with a different configuration or data "
+            f"(fingerprint {state.get('fingerprint')} != {run.fingerprint}); use --fresh or another out dir"
+        )
+    run.run_id = state["run_id"]
+    run.history = list(state["history"])
+    run.initial_val = state.get("initial_val")
+    run.stopper.load(state["early_stopping"])
+    run.complete, run.stopped_early = bool(state["complete"]), bool(state["stopped_early"])
+    run.resumed_from = int(state["epoch"])
+    if run.complete and (out_dir / METRICS_NAME).is_file():
+        metrics = json.loads((out_dir / METRICS_NAME).read_text(encoding="utf-8"))
+        log.info("run in %s is already complete (best epoch %s); not retraining (use --fresh to retrain)",
+                 out_dir, metrics.get("best_epoch"))
+        bundle = _write_bundle(run, metrics) if run.config.models_dir else None
+        return TrainResult(out_dir, out_dir / BEST_NAME, metrics, run.history, bundle, run.stopped_early,
+                           run.stopper.best_epoch, already_complete=True, resumed_from_epoch=run.resumed_from)
+    run.model.load_state_dict(state["model_state_dict"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    restore_rng_state(state["rng"])
+    run.start_epoch = run.resumed_from + 1
+    log.info("resuming %s after epoch %d", out_dir, run.resumed_from)
+    return None
 
-    write_json_atomic(out_dir / CONFIG_NAME, {
-        **config.to_dict(), "resolved": settings.to_dict(), "arch": arch,
-        "feature_contract_hash": inputs.expected_hash, "run_id": run_id,
-    })
-    log.info("settings: %s; %d train / %d val samples", settings.to_dict(), train_batcher.n_samples,
-             val_batcher.n_samples)
 
-    def save_state(epoch: int) -> None:
-        save_resume(out_dir / RESUME_NAME, {
-            "fingerprint": fingerprint, "run_id": run_id, "epoch": epoch, "complete": complete,
-            "stopped_early": stopped_early, "model_state_dict": cpu_state_dict(model),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "early_stopping": stopper.state(), "history": history, "rng": capture_rng_state(),
-            "initial_val": initial_val,
-        })
+def _initial_validation(run: _Run) -> None:
+    """The untrained model's validation loss: what "training improved the model" is measured against
+    (verification's ``metrics_sane``); run under forked RNG states so that it changes nothing of the
+    training run (a DataLoader draws a seed from torch's RNG per iterator)."""
+    device = torch.device(run.settings.device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        pred = _predict(run)
+    run.initial_val = {"val_loss": pred["val_loss"], "val_head_losses": pred["val_head_losses"]}
+    log.info("untrained model: val loss %.6g", run.initial_val["val_loss"])
 
-    if not resuming:
-        # the untrained model's validation loss: what "training improved the model" is measured
-        # against (verification's metrics_sane); run under forked RNG states so that it changes
-        # nothing of the training run (a DataLoader draws a seed from torch's RNG per iterator)
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            pred = _predict(model, spec, val_batcher, settings, class_weights)
-        initial_val = {"val_loss": pred["val_loss"], "val_head_losses": pred["val_head_losses"]}
-        log.info("untrained model: val loss %.6g", initial_val["val_loss"])
 
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, config.epochs + 1) if not complete else ():
+def _epoch_loop(run: _Run, progress: bool, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:
+    """Train, validate, checkpoint and log every epoch until the last one or early stopping."""
+    config, settings = run.config, run.settings
+    epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, config.epochs + 1) if not run.complete else ():
         t_epoch = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
+        lr = float(run.optimizer.param_groups[0]["lr"])
         record: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        record.update(_train_epoch(
-            epoch=epoch, n_epochs=config.epochs, model=model, spec=spec, batcher=train_batcher,
-            settings=settings, optimizer=optimizer, class_weights=class_weights, grad_clip=config.grad_clip,
-            log_every=config.log_every, progress=progress,
-        ))
+        record.update(_train_epoch(run, epoch, progress))
         t_val = time.perf_counter()
-        pred = _predict(model, spec, val_batcher, settings, class_weights)
+        pred = _predict(run)
         record["val_loss"] = pred["val_loss"]
         record["val_head_losses"] = pred["val_head_losses"]
-        record["val_macro_f1"] = _macro_f1(spec, pred)
+        record.update(run.family.epoch_metrics(run.spec, pred["outputs"], pred["kept"]))
         record["val_seconds"] = time.perf_counter() - t_val
         value = record[settings.monitor]
         record["monitor_value"] = value
-        record["improved"] = stopper.update(value, epoch)
+        record["improved"] = run.stopper.update(value, epoch)
         if record["improved"]:
-            save_best(out_dir / BEST_NAME, cpu_state_dict(model), arch, epoch, pred["val_loss"])
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(value)
-        elif scheduler is not None:
-            scheduler.step()
-        stopped_early = stopper.should_stop and epoch < config.epochs
-        complete = stopped_early or epoch == config.epochs
+            save_best(run.out_dir / BEST_NAME, cpu_state_dict(run.model), run.arch, epoch, pred["val_loss"])
+        optim.step_scheduler(run.scheduler, value)
+        run.stopped_early = run.stopper.should_stop and epoch < config.epochs
+        run.complete = run.stopped_early or epoch == config.epochs
         record["epoch_seconds"] = time.perf_counter() - t_epoch
-        history.append(record)
-        save_state(epoch)
-        log.info(
-            "epoch %d/%d: train %.6g val %.6g%s | %s %.6g%s | grad-norm mean %.3g max %.3g | %.0f samples/s, "
-            "loader %.0f%% | lr %.3g | %.1fs", epoch, config.epochs, record["train_loss"], record["val_loss"],
-            "" if record["val_macro_f1"] is None else f" val-macro-F1 {record['val_macro_f1']:.4f}",
-            settings.monitor, value, " (best)" if record["improved"] else "", record["grad_norm_mean"],
-            record["grad_norm_max"], record["throughput_samples_per_s"] or 0.0,
-            100 * (record["loader_share"] or 0.0), lr, record["epoch_seconds"],
-        )
+        run.history.append(record)
+        run.save_state(epoch)
+        _log_epoch(run, record, lr)
         if on_epoch_end is not None:
             on_epoch_end(record)
-        if complete:
+        if run.complete:
             break
-    if stopped_early:
+    if run.stopped_early:
         log.info("early stopping after epoch %d: %s did not improve for %d epochs (best %.6g at epoch %d)",
-                 epoch, settings.monitor, config.patience, stopper.best_value, stopper.best_epoch)
+                 epoch, settings.monitor, config.patience, run.stopper.best_value, run.stopper.best_epoch)
 
-    # final evaluation of the best checkpoint on the validation split
-    t_final = time.perf_counter()
-    best = load_best(out_dir / BEST_NAME, map_location=device)
-    model.load_state_dict(best["model_state_dict"])
-    pred = _predict(model, spec, val_batcher, settings, class_weights)
-    final_val = evaluate_predictions(spec, pred["outputs"], pred["targets"], list(TARGET_NAMES), pred["tb_class"],
-                                     pred["timestamp"], baselines)
+
+def _log_epoch(run: _Run, record: dict[str, Any], lr: float) -> None:
+    log.info(
+        "epoch %d/%d: train %.6g val %.6g%s | %s %.6g%s | grad-norm mean %.3g max %.3g | %.0f samples/s, "
+        "loader %.0f%% | lr %.3g | %.1fs", record["epoch"], run.config.epochs, record["train_loss"],
+        record["val_loss"], run.family.epoch_log(run.spec, record), run.settings.monitor, record["monitor_value"],
+        " (best)" if record["improved"] else "", record["grad_norm_mean"], record["grad_norm_max"],
+        record["throughput_samples_per_s"] or 0.0, 100 * (record["loader_share"] or 0.0), lr,
+        record["epoch_seconds"],
+    )
+
+
+def _final_evaluation(run: _Run) -> tuple[float, dict[str, Any]]:
+    """The best checkpoint on the validation split: ``(its val loss, the family's evaluation)``."""
+    best = load_best(run.out_dir / BEST_NAME, map_location=torch.device(run.settings.device))
+    run.model.load_state_dict(best["model_state_dict"])
+    pred = _predict(run)
+    return float(best["val_loss"]), run.family.evaluate(run.spec, pred["outputs"], pred["kept"], run.baselines)
+
+
+def _metrics(run: _Run, best_val_loss: float, final_val: dict[str, Any], final_seconds: float) -> dict[str, Any]:
+    """``metrics.json``: the run's identity, settings, best epoch, dataset counts, step and throughput
+    summaries, baselines, the final evaluation and the per-epoch history."""
+    history, inputs, settings, stopper = run.history, run.inputs, run.settings, run.stopper
     train_steps = [h for h in history if h.get("first_step_loss") is not None]
     total_samples = sum(h["n_train_samples"] for h in history)
     total_train_s = sum(h["train_seconds"] for h in history)
-    metrics: dict[str, Any] = {
-        "run_id": run_id,
+    return {
+        "run_id": run.run_id,
         "status": "complete",
-        "variant": spec.name,
+        "variant": run.spec.name,
         "feature_contract_hash": inputs.expected_hash,
         "data_source": inputs.sources,
         "settings": settings.to_dict(),
@@ -917,36 +984,29 @@ def _train(
         "monitor_mode": settings.monitor_mode,
         "best_epoch": stopper.best_epoch,
         "best_monitor_value": stopper.best_value,
-        "best_val_loss": float(best["val_loss"]),
-        "initial_val_loss": initial_val["val_loss"] if initial_val else None,
-        "initial_val_head_losses": initial_val["val_head_losses"] if initial_val else None,
+        "best_val_loss": best_val_loss,
+        "initial_val_loss": run.initial_val["val_loss"] if run.initial_val else None,
+        "initial_val_head_losses": run.initial_val["val_head_losses"] if run.initial_val else None,
         "epochs_completed": len(history),
-        "stopped_early": stopped_early,
+        "stopped_early": run.stopped_early,
         "dataset": {
             name: {"rows": s.n_rows, "samples": s.n_samples, "samples_used": b.n_samples,
                    "eligibility_rate": s.n_samples / s.n_rows if s.n_rows else None}
-            for name, s, b in (("train", inputs.train, train_batcher), ("val", inputs.val, val_batcher))
+            for name, s, b in (("train", inputs.train, run.train_batcher), ("val", inputs.val, run.val_batcher))
         },
-        "data_windows": _data_windows(inputs, train_batcher.n_samples, val_batcher.n_samples),
+        "data_windows": _data_windows(inputs, run.train_batcher.n_samples, run.val_batcher.n_samples),
         "first_step_loss": train_steps[0]["first_step_loss"] if train_steps else None,
         "last_step_loss": train_steps[-1]["last_step_loss"] if train_steps else None,
         "mean_grad_norm": (sum(h["grad_norm_mean"] * h["n_steps"] for h in history)
                            / max(sum(h["n_steps"] for h in history), 1)),
-        "total_seconds": sum(h["epoch_seconds"] for h in history) + (time.perf_counter() - t_final),
+        "total_seconds": sum(h["epoch_seconds"] for h in history) + final_seconds,
         "train_seconds": total_train_s,
         "avg_throughput_samples_per_s": total_samples / total_train_s if total_train_s > 0 else None,
-        "baselines": baselines,
+        "baselines": run.baselines,
         "final_val": final_val,
-        "head_vs_baseline": head_vs_baseline(spec, final_val),
+        "head_vs_baseline": run.family.head_vs_baseline(run.spec, final_val),
         "history": history,
     }
-    plot_loss_curves(history, out_dir / CURVE_NAME, title=f"{spec.name} ({inputs.expected_hash})")
-    write_json_atomic(out_dir / METRICS_NAME, metrics)
-    log.info("final validation (best epoch %s): %s", stopper.best_epoch,
-             json.dumps(metrics["head_vs_baseline"], default=str))
-    bundle = _write_bundle(config, out_dir, inputs, metrics) if config.models_dir else None
-    return TrainResult(out_dir, out_dir / BEST_NAME, metrics, history, bundle, stopped_early, stopper.best_epoch,
-                       resumed_from_epoch=resumed_from)
 
 
 __all__ = [

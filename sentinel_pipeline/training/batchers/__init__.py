@@ -1,1 +1,3 @@
-"""Batchers: turn a split's flat rows into model batches (one module per batch kind)."""
+"""Batchers: each turns a split's flat rows into the batches of one batch kind (``windows.py``: one
+sequence window per sample; ``day_batches.py``: whole days of a universe with their graph edges). A batcher
+has ``len()``, ``batch(i)``, ``set_epoch(e)`` and ``n_samples`` (``families.base.Batcher``)."""
