@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from sentinel_pipeline import train as cli
+from sentinel_pipeline.training import optim
 from sentinel_pipeline.training.config import ConfigError, TrainConfig, load_config, merge_cli
 from sentinel_pipeline.training.engine import THROUGHPUT_BATCH_SIZE, resolve_settings
+from sentinel_pipeline.training.families import get_family
 from sentinel_pipeline.training.models import VARIANTS
 
 PATHS = {"train_h5": "a/train.h5", "val_h5": "a/val.h5", "feature_schema": "f/schema.txt", "out_dir": "runs/x"}
@@ -20,7 +22,13 @@ def test_defaults_follow_the_issue() -> None:
     c = TrainConfig(**PATHS)
     assert (c.model, c.seq_len, c.epochs, c.seed, c.learning_rate, c.weight_decay) == (
         "mlp_two_head", 30, 20, 1337, 1e-3, 1e-4)
-    assert (c.patience, c.profile, c.scheduler, c.device, c.grad_clip) == (5, "safe", "none", "auto", 1.0)
+    assert (c.patience, c.profile, c.device, c.grad_clip) == (5, "safe", "auto", 1.0)
+    # optimizer and scheduler left to the model family: AdamW without a scheduler for the window family
+    assert (c.optimizer, c.scheduler) == (None, None)
+    family = get_family(VARIANTS[c.model].family)
+    setup = optim.resolve(c.optimizer, c.optimizer_params, c.scheduler, c.scheduler_params, family.optimizer_defaults)
+    assert (setup.optimizer, setup.optimizer_params, setup.scheduler, setup.scheduler_params) == (
+        "adamw", {}, "none", {})
     assert isinstance(c.train_h5, Path) and c.models_dir is None
 
 

@@ -14,6 +14,8 @@ Fields left at ``None`` are resolved when the run starts (``engine.resolve_setti
 - ``bf16_autocast`` ``throughput`` on CUDA only; never on CPU (a request on CPU is ignored with a warning)
 - ``shuffle``      ``safe``: False; ``throughput``: True (order reseeded per epoch from ``seed``)
 - ``monitor``      the variant's monitor (``val_loss``, or ``val_macro_f1`` for classifiers)
+- ``optimizer``    the model family's preference (``adamw`` for the window family); see ``training.optim``
+- ``scheduler``    the model family's preference (``none`` for the window family)
 - ``expected_hash`` ``feature_contract.json`` beside the schema, else the schema's header line
 
 Relative paths are taken as given (relative to the working directory of the process).
@@ -30,7 +32,8 @@ from typing import Any
 
 import yaml
 
-SCHEDULERS: tuple[str, ...] = ("none", "plateau", "cosine_restarts")
+from sentinel_pipeline.training.optim import OPTIMIZERS, SCHEDULERS, check_params
+
 PROFILES: tuple[str, ...] = ("safe", "throughput")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 MONITORS: tuple[str, ...] = ("val_loss", "val_macro_f1")
@@ -89,8 +92,13 @@ class TrainConfig:
     limit_samples: int | None = None
     patience: int = 5
     monitor: str | None = None
-    scheduler: str = "none"
-    # keyword arguments for the torch scheduler, over the engine's defaults
+    # None: the model family's preference (training.optim); adamw | adabelief
+    optimizer: str | None = None
+    # typed keyword arguments of the optimizer (training.optim: betas, eps, ...), over its defaults
+    optimizer_params: dict[str, Any] = field(default_factory=dict)
+    # None: the model family's preference; none | plateau | cosine_restarts
+    scheduler: str | None = None
+    # keyword arguments for the torch scheduler, over the engine's (and the family's) defaults
     scheduler_params: dict[str, Any] = field(default_factory=dict)
     grad_clip: float = 1.0
     bf16_autocast: bool | None = None
@@ -100,6 +108,9 @@ class TrainConfig:
     profile: str = "safe"
     # architecture overrides, passed to models.resolve_arch
     arch: dict[str, Any] = field(default_factory=dict)
+    # extra inputs of a model family, {name: path} (e.g. {"symbol_graph": <folder>}); the family's
+    # prepare() loads them (ModelFamily.required_inputs)
+    family_inputs: dict[str, Path] = field(default_factory=dict)
     expected_hash: str | None = None
     scalers_dir: Path | None = None
     models_dir: Path | None = None
@@ -112,6 +123,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
+        if isinstance(self.family_inputs, dict):
+            self.family_inputs = {str(k): Path(v) for k, v in self.family_inputs.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -141,14 +154,23 @@ class TrainConfig:
                 problems.append(f"{name} must be a number > 0, got {v!r}")
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, int | float) or self.weight_decay < 0:
             problems.append(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        for name, allowed in (("scheduler", SCHEDULERS), ("profile", PROFILES), ("device", DEVICES)):
+        for name, allowed in (("profile", PROFILES), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if self.monitor is not None and self.monitor not in MONITORS:
-            problems.append(f"monitor must be one of {list(MONITORS)} or null, got {self.monitor!r}")
-        for name in ("arch", "scheduler_params"):
+        for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)):
+            if getattr(self, name) is not None and getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {list(allowed)} or null, got {getattr(self, name)!r}")
+        if self.monitor is not None and self.monitor not in MONITORS and self.monitor not in _family_monitors():
+            problems.append(f"monitor must be one of {sorted({*MONITORS, *_family_monitors()})} or null, "
+                            f"got {self.monitor!r}")
+        for name in ("arch", "scheduler_params", "optimizer_params", "family_inputs"):
             if not isinstance(getattr(self, name), dict):
                 problems.append(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
+        if not problems:
+            if self.optimizer in OPTIMIZERS:
+                problems += check_params("optimizer", self.optimizer, self.optimizer_params)
+            if self.scheduler in SCHEDULERS:
+                problems += check_params("scheduler", self.scheduler, self.scheduler_params)
         if not isinstance(self.model, str) or not self.model:
             problems.append(f"model must be a variant name, got {self.model!r}")
         if problems:
@@ -160,7 +182,15 @@ class TrainConfig:
         for name in PATH_FIELDS:
             if d[name] is not None:
                 d[name] = str(d[name])
+        d["family_inputs"] = {k: str(v) for k, v in self.family_inputs.items()}
         return d
+
+
+def _family_monitors() -> set[str]:
+    """Epoch metrics a registered model family lets a run monitor (``ModelFamily.monitor_modes``)."""
+    from sentinel_pipeline.training.families import FAMILIES
+
+    return {name for fam in FAMILIES.values() for spec in fam.variants for name in fam.monitor_modes(spec)}
 
 
 FIELD_NAMES: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TrainConfig))

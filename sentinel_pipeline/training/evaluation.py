@@ -33,7 +33,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from sentinel_pipeline.data.split_arrays import SplitArrays
-from sentinel_pipeline.training.models import N_CLASSES, VariantSpec
+from sentinel_pipeline.training.families.base import N_CLASSES, VariantSpec
 
 MIN_SYMBOLS_PER_TIMESTAMP = 3
 CLASS_NAMES: tuple[str, ...] = ("down", "neutral", "up")

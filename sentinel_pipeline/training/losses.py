@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES
-from sentinel_pipeline.training.models import HeadSpec, VariantSpec
+from sentinel_pipeline.training.families.base import HeadSpec, VariantSpec
 
 FOCAL_GAMMA = 1.5
 
