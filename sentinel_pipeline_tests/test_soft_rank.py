@@ -154,3 +154,23 @@ def test_loss_degenerate_days_are_finite() -> None:
     assert torch.isfinite(total) and torch.isfinite(outputs["ret_1"].grad).all()
     # day 0 (one node, target rank 0) and day 1 (all tied, rank 0) have MSE 0 at zero outputs
     assert float(total.detach()) == 0.0
+
+
+def test_hand_written_backward_matches_autograd() -> None:
+    """The soft rank's hand-derived backward equals autograd on the plain pairwise expression."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(40, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(40, generator=gen, dtype=torch.float64)
+    tau = 0.2
+
+    def plain(v: torch.Tensor) -> torch.Tensor:
+        vc = v - v.mean()
+        z = vc / (vc.pow(2).mean() + 1e-8).sqrt()
+        return 0.5 + torch.sigmoid((z.unsqueeze(1) - z.unsqueeze(0)) / tau).sum(dim=1)
+
+    torch.testing.assert_close(soft_rank(x, tau), plain(x))
+    (ours,) = torch.autograd.grad(soft_rank(x, tau), x, g)
+    (ref,) = torch.autograd.grad(plain(x), x, g)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-8)
+    small = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: soft_rank(v, 0.5), (small,))
