@@ -167,3 +167,37 @@ def test_bad_inputs_are_named() -> None:
         layer(x, torch.tensor([[0, 1], [1, 2]]), torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="edge_weight_mode"):
         GraphAttention(3, 2, 1, edge_weight_mode="sqrt")
+
+
+@pytest.mark.parametrize("mode", ["log", "none"])
+def test_onnx_export_matches_torch_on_other_graphs(mode: str) -> None:
+    """torch.onnx (opset 18, dynamic node and edge counts) + onnxruntime reproduce the layer on graphs of
+    other sizes than the traced one, with duplicate targets and a given self-loop."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a dev dependency (export check)")
+    torch.manual_seed(4)
+    layer = GraphAttention(6, 4, 2, edge_weight_mode=mode).eval()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(10, 6, generator=gen)
+    ei = random_graph(10, 25, gen)
+    w = torch.rand(ei.shape[1], generator=gen) + 0.1
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (x, ei, w), f, dynamo=False, opset_version=18,
+                          input_names=["x", "edge_index", "edge_weight"],
+                          dynamic_axes={"x": {0: "n"}, "edge_index": {1: "E"}, "edge_weight": {0: "E"}})
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(f.getvalue(), options)
+    names = {i.name for i in sess.get_inputs()}
+    for n, n_edges in ((10, 25), (37, 120), (5, 3)):
+        x2 = torch.randn(n, 6, generator=gen)
+        ei2 = torch.cat([random_graph(n, n_edges, gen), torch.tensor([[1], [1]])], dim=1)  # + a self-loop
+        w2 = torch.rand(ei2.shape[1], generator=gen) + 0.1
+        feed = {k: v.numpy() for k, v in (("x", x2), ("edge_index", ei2), ("edge_weight", w2)) if k in names}
+        got = torch.from_numpy(sess.run(None, feed)[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, layer(x2, ei2, w2), atol=1e-5, rtol=0)

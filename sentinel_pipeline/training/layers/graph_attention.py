@@ -32,14 +32,16 @@ Edge weights (``edge_weight``, shape (E,), > 0) enter according to ``edge_weight
 Implementation: the edge-list form (:meth:`GraphAttention.forward`) works on the E + n edges only:
 a segment softmax over targets with the per-target maximum subtracted first (``scatter_reduce`` amax,
 detached: it cancels mathematically and only guards ``exp`` against overflow, as in torch_geometric),
-sums by ``index_add``, then messages gathered from sources and summed into targets by ``index_add``.
-Memory and time are O(E H C). :meth:`GraphAttention.forward_dense` computes the same thing with an
-(n x n) mask and (H, n, n) logits: O(n^2 H) memory; it exists for the benchmark
-(``bench/bench_graph_attention.py``) and as a test oracle. Only out-of-place ``index_add`` /
-``scatter_reduce`` / ``gather`` / ``where`` are used (no boolean-mask indexing, no data-dependent
-shapes), all of which have deterministic CPU kernels (``torch.use_deterministic_algorithms(True)``
-runs them, tested) and trace through ``torch.export`` (tested); both ops map to ONNX ScatterElements
-(``reduction="add"`` from opset 16, ``"max"`` from opset 18).
+sums by ``scatter_add``, then messages gathered from sources (``index_select``) and summed into targets
+by ``scatter_add``. Memory and time are O(E H C). :meth:`GraphAttention.forward_dense` computes the same
+thing with an (n x n) mask and (H, n, n) logits: O(n^2 H) memory; it exists for the benchmark
+(``bench/bench_graph_attention.py``) and as a test oracle. Only out-of-place ``scatter_add`` /
+``scatter_reduce`` / ``index_select`` / ``where`` are used (no boolean-mask indexing, no data-dependent
+shapes), all with deterministic CPU kernels (``torch.use_deterministic_algorithms(True)`` runs them,
+tested). Export, tested: ``torch.export`` traces the layer, and ``torch.onnx.export`` (opset 18,
+dynamic node and edge counts) gives a model whose onnxruntime outputs equal torch's on graphs of other
+sizes, with duplicate targets and given self-loops. The sums use ``scatter_add`` (ONNX ScatterElements
+with reduction "add") rather than ``index_add``, which torch.onnx exports without the reduction.
 """
 
 from __future__ import annotations
@@ -96,12 +98,19 @@ def dense_adjacency(
     return adj, w
 
 
+def _segment_sum(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[index[e]] += src[e]`` along dim 0 into ``n`` rows, by ``scatter_add`` (ONNX ScatterElements with
+    reduction "add"; ``index_add`` is exported by torch.onnx without the reduction and gets duplicate
+    indices wrong, checked with onnxruntime)."""
+    idx = index.view(-1, *([1] * (src.dim() - 1))).expand_as(src)
+    return torch.zeros((n, *src.shape[1:]), dtype=src.dtype, device=src.device).scatter_add(0, idx, src)
+
+
 def _mean_incoming(edge_index: torch.Tensor, edge_weight: torch.Tensor, n: int, empty: float) -> torch.Tensor:
     """Mean weight of each node's incoming edges (given self-loops excluded); ``empty`` without any."""
     real = (edge_index[0] != edge_index[1]).to(edge_weight.dtype)
-    s = torch.zeros(n, dtype=edge_weight.dtype, device=edge_weight.device).index_add(
-        0, edge_index[1], edge_weight * real)
-    c = torch.zeros(n, dtype=edge_weight.dtype, device=edge_weight.device).index_add(0, edge_index[1], real)
+    s = _segment_sum(edge_weight * real, edge_index[1], n)
+    c = _segment_sum(real, edge_index[1], n)
     return torch.where(c > 0, s / c.clamp_min(1.0), torch.full_like(s, empty))
 
 
@@ -190,9 +199,7 @@ class GraphAttention(nn.Module):
         """``x`` (n, d), ``edge_index`` (2, E) int64 [source; target], ``edge_weight`` (E,) -> (n, out)."""
         h, src, dst, alpha = self.attention(x, edge_index, edge_weight)
         msg = h.index_select(0, src) * alpha.unsqueeze(-1)  # (E + n, H, C)
-        out = torch.zeros(x.shape[0], self.heads, self.out_dim, dtype=msg.dtype, device=x.device).index_add(
-            0, dst, msg)
-        return self._finish(out)
+        return self._finish(_segment_sum(msg, dst, x.shape[0]))
 
     def attention(
         self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor | None = None
@@ -225,7 +232,7 @@ class GraphAttention(nn.Module):
         seg_max = torch.full((n, self.heads), -math.inf, dtype=logits.dtype, device=x.device).scatter_reduce(
             0, idx, logits.detach(), reduce="amax", include_self=True)
         ex = torch.exp(logits - seg_max.index_select(0, dst))
-        denom = torch.zeros(n, self.heads, dtype=ex.dtype, device=x.device).index_add(0, dst, ex)
+        denom = _segment_sum(ex, dst, n)
         alpha = ex / denom.index_select(0, dst)  # denom >= 1: the target's own max term is exp(0)
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
         return h, src, dst, alpha
