@@ -8,6 +8,13 @@
 #                                           backtested in about a minute; its own directories data/quick/,
 #                                           models/quick/ and Dagster instance .dagster_home/quick/, so it
 #                                           never mixes with the main job's results
+#   bash scripts/run_pipeline.sh --panel [--raw FILE]
+#                                           the daily universe configuration (panel_pipeline): the panel
+#                                           preset of the data half, the symbol graph, gat_multi_horizon
+#                                           trained on day batches, verified, evaluated as a ranking; raw
+#                                           input FILE (e.g. ../shared/data/daily_equities_panel.parquet),
+#                                           else the SYNTHETIC panel; its own data/panel/, models/panel/ and
+#                                           Dagster instance .dagster_home/panel/
 # Other arguments pass through to `dagster job execute` (e.g. -c run_config.yaml).
 #   DAGSTER_HOME   Dagster instance directory (default .dagster_home/, created with deploy/dagster.yaml)
 #   SENTINEL_LOG_LEVEL  console log level of the run (default INFO; DEBUG shows every engine event)
@@ -15,9 +22,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 job=full_pipeline
 args=()
+raw=""
+want_raw=0
 for a in "$@"; do
-  if [ "$a" = "--quick" ]; then job=quick_pipeline; else args+=("$a"); fi
+  if [ "$want_raw" = 1 ]; then raw="$a"; want_raw=0
+  elif [ "$a" = "--quick" ]; then job=quick_pipeline
+  elif [ "$a" = "--panel" ]; then job=panel_pipeline
+  elif [ "$a" = "--raw" ]; then want_raw=1
+  else args+=("$a"); fi
 done
+if [ -n "$raw" ] && [ "$job" != panel_pipeline ]; then
+  echo "--raw is an option of --panel (the main job reads SENTINEL_RAW_DIR or data/raw/)" >&2; exit 2
+fi
 start=$(date +%s)
 bash scripts/setup.sh
 # shellcheck disable=SC1091
@@ -31,6 +47,21 @@ if [ "$job" = quick_pipeline ]; then
   unset SENTINEL_RAW_DIR
   echo "[quick] synthetic demo: a small generated market with a strong planted signal (not real data);"
   echo "[quick] results in $SENTINEL_DATA_DIR/ and $SENTINEL_MODELS_DIR/, Dagster instance $DAGSTER_HOME"
+elif [ "$job" = panel_pipeline ]; then
+  export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}/panel"
+  export SENTINEL_PANEL_DATA_DIR="${SENTINEL_PANEL_DATA_DIR:-data/panel}"
+  export SENTINEL_PANEL_MODELS_DIR="${SENTINEL_PANEL_MODELS_DIR:-models/panel}"
+  export SENTINEL_DATA_DIR="$SENTINEL_PANEL_DATA_DIR" SENTINEL_MODELS_DIR="$SENTINEL_PANEL_MODELS_DIR"
+  unset SENTINEL_RAW_DIR
+  if [ -n "$raw" ]; then
+    [ -e "$raw" ] || { echo "--raw $raw: no such file or folder" >&2; exit 2; }
+    export SENTINEL_PANEL_RAW="$(cd "$(dirname "$raw")" && pwd)/$(basename "$raw")"
+    echo "[panel] daily universe configuration on $SENTINEL_PANEL_RAW"
+  else
+    unset SENTINEL_PANEL_RAW
+    echo "[panel] daily universe configuration on the SYNTHETIC panel (planted cross-sectional signal; not real data)"
+  fi
+  echo "[panel] results in $SENTINEL_DATA_DIR/ and $SENTINEL_MODELS_DIR/, Dagster instance $DAGSTER_HOME"
 else
   export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
 fi

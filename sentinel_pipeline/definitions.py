@@ -3,7 +3,9 @@
 Graph: raw_bars -> feature_contract/features -> labelled_dataset -> dataset_splits -> seq/snap scalers
 -> hdf5_splits -> arrow_cache -> bundle_<variant> (blocking check ``bundle_verified``) ->
 replay_<variant> (check ``train_serve_parity``) and backtest_<variant> (test split), for every variant of
-the model registry; variant_comparison tabulates the backtests.
+the model registry; variant_comparison tabulates the backtests. The panel configuration (``panel_pipeline``,
+daily bars of a universe) adds symbol_graph -> bundle_gat_multi_horizon (same blocking check) ->
+backtest_gat_multi_horizon (a ranking evaluation); the intraday jobs leave those three out.
 
 Every asset and check is passed through ``orchestration.presentation.present`` here, in one place:
 metadata rounded for reading, known errors shown as their one-line cause, and step priorities that
@@ -16,11 +18,13 @@ from sentinel_pipeline.orchestration.backtest_assets import BACKTEST_ASSETS
 from sentinel_pipeline.orchestration.bundle_checks import BUNDLE_CHECKS, VerificationSettings
 from sentinel_pipeline.orchestration.data_assets import DATA_ASSETS, DataHalfSettings
 from sentinel_pipeline.orchestration.data_checks import DATA_CHECKS
+from sentinel_pipeline.orchestration.graph_assets import GRAPH_ASSETS
 from sentinel_pipeline.orchestration.jobs import (
     checks_only,
     ci_gate,
     full_pipeline,
     nightly_rebuild,
+    panel_pipeline,
     quick_pipeline,
 )
 from sentinel_pipeline.orchestration.presentation import present
@@ -36,7 +40,7 @@ RESOURCES = {
     "pipes_client": dg.PipesSubprocessClient(),
 }
 
-ASSETS = [present(a) for a in (*DATA_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS)]
+ASSETS = [present(a) for a in (*DATA_ASSETS, *GRAPH_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS)]
 
 # evaluates the replay assets' automation condition (eager, and only when every blocking check of their
 # dependencies passed): a newly verified bundle is replayed without anyone clicking; on by default
@@ -53,7 +57,7 @@ backtest_automation = dg.AutomationConditionSensorDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 CHECKS = [present(c) for c in (*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS)]
-JOBS = [full_pipeline, ci_gate, checks_only, quick_pipeline]
+JOBS = [full_pipeline, ci_gate, checks_only, quick_pipeline, panel_pipeline]
 
 # one process per run, not one per step: the multiprocess default spends ~6 s starting Python, Dagster
 # and torch for each of the 24 steps (measured: an unchanged nightly rebuild took 2 min 44 s, its

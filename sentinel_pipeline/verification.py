@@ -152,7 +152,7 @@ from sentinel_pipeline.data.scalers import (
 from sentinel_pipeline.signing import SignatureError, load_signing_key, sign_bytes, verify_signed_bytes
 from sentinel_pipeline.training.checkpoints import BEST_NAME, load_best
 from sentinel_pipeline.training.data_loader import chronological_end_rows, load_split_for_training
-from sentinel_pipeline.training.families import VARIANTS, FamilyData, ModelFamily, VariantSpec
+from sentinel_pipeline.training.families import VARIANTS, FamilyData, ModelFamily, VariantSpec, get_family
 
 RECORD_NAME = "verification.json"
 RECORD_SIGNATURE_NAME = "verification.sig"
@@ -300,9 +300,14 @@ class QualityGates:
       ``min_windows``: the fewest independent label windows a verdict may rest on ("not enough data"
       below); ``min_symbols``: the fewest symbols per timestamp for a cross-sectional IC (else the
       pooled time-series IC); ``winsor_quantile``: targets are clipped at this quantile and its mirror.
+    - ``horizon``: the forward-return horizon (bars) the gates score against (``None``: the split's label
+      horizon); a ranking family gates its 5-day head on ``fwd_ret_5`` whatever the triple barrier's horizon.
+
+    A family's ``gate_defaults`` are laid over these defaults for its variants.
     """
 
     head: str | None = None
+    horizon: int | None = None
     min_directional_t: float | None = DEFAULT_MIN_DIRECTIONAL_T
     min_mse_t: float | None = None
     null_quantile: float | None = None
@@ -319,7 +324,9 @@ class QualityGates:
 REGRESSION_GATES = QualityGates(min_mse_t=DEFAULT_MIN_MSE_T)
 CLASSIFIER_GATES = QualityGates(null_quantile=0.95)
 DEFAULT_GATES: dict[str, QualityGates] = {
-    name: CLASSIFIER_GATES if spec.classifier else REGRESSION_GATES for name, spec in VARIANTS.items()
+    name: dataclasses.replace(CLASSIFIER_GATES if spec.classifier else REGRESSION_GATES,
+                              **dict(get_family(spec.family).gate_defaults))
+    for name, spec in VARIANTS.items()
 }
 GATE_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(QualityGates))
 
@@ -357,6 +364,8 @@ def _validate_gates(g: QualityGates, where: str) -> None:
         v = getattr(g, name)
         if v is None or int(v) != v or v < 1:
             problems.append(f"{name} must be an integer >= 1, got {v!r}")
+    if g.horizon is not None and (int(g.horizon) != g.horizon or g.horizon < 1):
+        problems.append(f"horizon must be an integer >= 1 or null, got {g.horizon!r}")
     if g.hac_lag is not None and (int(g.hac_lag) != g.hac_lag or g.hac_lag < 0):
         problems.append(f"hac_lag must be an integer >= 0 or null, got {g.hac_lag!r}")
     if problems:
@@ -883,7 +892,7 @@ def _check_quality_gates(ctx: _Context) -> str:
     gates = ctx.gates[spec.name]
     path = _gate_split_path(ctx)
     split, source = load_split_for_training(path, contract.hash)
-    horizon = int(split.label_params.get("horizon") or 0)
+    horizon = int(gates.horizon or split.label_params.get("horizon") or 0)
     if horizon < 1:
         raise CheckFailed(f"{path}: no label horizon in its label_params {split.label_params!r}")
     pred = score_split(model, ctx.checkpoint["arch"], split, data=ctx.family_data)
@@ -914,7 +923,7 @@ def _check_quality_gates(ctx: _Context) -> str:
     ctx.gate_results = [r.to_dict() for r in results]
     if not results:
         return f"no gates configured for {spec.name}"
-    detail = (f"{spec.name} on {path.name} ({source}, label horizon {horizon}): "
+    detail = (f"{spec.name} on {path.name} ({source}, horizon {horizon} bars): "
               + "; ".join(f"{'PASS' if r.passed else 'FAIL'} {r.name}: {r.detail}" for r in results))
     if not all(r.passed for r in results):
         raise CheckFailed(detail)

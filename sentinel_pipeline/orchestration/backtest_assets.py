@@ -259,4 +259,13 @@ def variant_comparison(context: dg.AssetExecutionContext, settings: PipelineSett
     })
 
 
-BACKTEST_ASSETS = [*(build_backtest_asset(v) for v in VARIANTS), variant_comparison]
+def _evaluation_asset(variant: str) -> dg.AssetsDefinition:
+    """The window backtest for window families; the ranking evaluation for day (universe) families."""
+    if VARIANTS[variant].batch_kind == "windows":
+        return build_backtest_asset(variant)
+    from sentinel_pipeline.orchestration.ranking_assets import build_ranking_asset
+
+    return build_ranking_asset(variant, backtest_asset_key(variant))
+
+
+BACKTEST_ASSETS = [*(_evaluation_asset(v) for v in VARIANTS), variant_comparison]

@@ -11,6 +11,7 @@ from typing import Any
 import dagster as dg
 
 from sentinel_pipeline.bundles import manifest_sha256
+from sentinel_pipeline.data.symbol_graph import graph_dir
 from sentinel_pipeline.orchestration.data_assets import arrow_cache, upstream_fingerprint
 from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.pipes_training import summarise
@@ -24,7 +25,7 @@ from sentinel_pipeline.training.config import (
     pipeline_train_config,
 )
 from sentinel_pipeline.training.engine import completed_run_if_idle
-from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.training.families import VARIANTS, get_family
 
 PIPES_ENTRY = [sys.executable, "-m", "sentinel_pipeline.orchestration.pipes_training"]
 
@@ -55,7 +56,10 @@ class TrainingRunConfig(dg.Config):
     device: str = "auto"
     num_workers: int | None = None
     limit_samples: int | None = None
-    scheduler: str = "none"
+    # None: the model family's preference (window variants: AdamW, no scheduler; gat_multi_horizon:
+    # AdaBelief with cosine warm restarts T_0=3, T_mult=2, eta_min=5e-5)
+    optimizer: str | None = None
+    scheduler: str | None = None
     profile: str = "safe"
     threads: int | None = None
     log_every: int = 200
@@ -77,17 +81,34 @@ def bundle_asset_key(variant: str) -> dg.AssetKey:
     return dg.AssetKey(f"bundle_{variant}")
 
 
+# where the pipeline keeps each extra input a model family may ask for (``ModelFamily.required_inputs``),
+# and the asset that makes it
+FAMILY_INPUTS: dict[str, tuple[Any, str]] = {"symbol_graph": (graph_dir, "symbol_graph")}
+
+
+def family_inputs_for(paths: Any, variant: str) -> dict[str, Path]:
+    """``TrainConfig.family_inputs`` of a variant in this pipeline instance (its family's required inputs)."""
+    family = get_family(VARIANTS[variant].family)
+    unknown = [n for n in family.required_inputs if n not in FAMILY_INPUTS]
+    if unknown:
+        raise ValueError(f"variant {variant!r} needs family inputs {unknown} that the pipeline does not make")
+    return {n: Path(FAMILY_INPUTS[n][0](paths)) for n in family.required_inputs}
+
+
 def train_config_for(paths: Any, variant: str, cfg: TrainingRunConfig, out_dir: Path) -> TrainConfig:
     return pipeline_train_config(
-        paths, variant, out_dir, **{**cfg.model_dump(), "batch_size": cfg.batch_size or PIPELINE_BATCH_SIZES.get(variant)}
+        paths, variant, out_dir, **{**cfg.model_dump(), "batch_size": cfg.batch_size or PIPELINE_BATCH_SIZES.get(variant),
+                                    "family_inputs": family_inputs_for(paths, variant)}
     )
 
 
 def build_training_asset(variant: str) -> dg.AssetsDefinition:
+    extra_deps = [FAMILY_INPUTS[n][1] for n in get_family(VARIANTS[variant].family).required_inputs]
+
     @dg.asset(
         key=bundle_asset_key(variant),
         group_name="training",
-        deps=[arrow_cache],
+        deps=[arrow_cache, *extra_deps],
         kinds={"pytorch"},
         pool=WRITE_POOL,
         description=f"Trained, self-describing model bundle of variant `{variant}` (heads: "
@@ -102,8 +123,10 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
         paths = settings.paths()
         # operational knobs (logging, threads, workers, device) do not change the trained model
         result_config = config.model_dump(exclude={"log_every", "threads", "num_workers", "device"})
+        inputs = {n: upstream_fingerprint(p, FAMILY_INPUTS[n][1]) for n, p in family_inputs_for(paths, variant).items()}
         fp = fingerprint(stage="train", variant=variant, data=upstream_fingerprint(paths.arrow_dir, "arrow_cache"),
-                         config={**PIPELINE_VARIANT_TRAINING.get(variant, {}), **result_config})
+                         config={**PIPELINE_VARIANT_TRAINING.get(variant, {}), **result_config},
+                         **({"family_inputs": inputs} if inputs else {}))
         out_dir = paths.artifacts / "training" / variant / fp[:16]
         tc = train_config_for(paths, variant, config, out_dir)
         # fast path, read under a shared lock taken without waiting; the decisive check is train()'s,

@@ -37,6 +37,7 @@ from sentinel_pipeline.training.families.base import (
 # one line per family module (each defines FAMILY)
 FAMILY_MODULES: tuple[str, ...] = (
     "sentinel_pipeline.training.families.window_models",
+    "sentinel_pipeline.training.families.gat_multi_horizon",
 )
 
 FAMILIES: dict[str, ModelFamily] = {}

@@ -163,6 +163,9 @@ class ModelFamily:
     min_eval_batch_size: int = 256
     # batch size of scoring a split for the gates and backtests (evaluation.predictions.score_split)
     score_batch_size: int = 1024
+    # field overrides of verification's QualityGates for this family's variants (e.g. a ranking family
+    # gates its 5-day head on the 5-day forward return and has no MSE-vs-train-mean gate)
+    gate_defaults: Mapping[str, Any] = {}
 
     # -- architecture and model ----------------------------------------------------------------
 

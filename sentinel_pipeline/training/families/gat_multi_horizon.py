@@ -114,6 +114,10 @@ class GraphAttentionFamily(ModelFamily):
     }
     throughput_batch_size = 4
     min_eval_batch_size = 1
+    score_batch_size = 8  # days per scoring batch (a day of 505 symbols x 30 bars is ~2 MiB of windows)
+    # the blocking gate: HAC t of the 5-day head's daily rank IC against the 5-day forward return; no
+    # MSE-vs-train-mean gate (the heads score rank-normalised targets, not returns)
+    gate_defaults = {"head": SIGNAL_HEAD, "horizon": 5, "min_mse_t": None}
 
     # -- architecture and model ----------------------------------------------------------------
     def resolve_arch(
