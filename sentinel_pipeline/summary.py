@@ -105,6 +105,20 @@ def _backtests(root: Path) -> list[str]:
                      if None not in p else "")
         lines.append(f"  {path.parent.name}: {r.get('bundle')}  [{m['n_trades']} trades over {m['n_days']} days, "
                      f"net return {m['total_return']:+.2%}, Sharpe {sharpe}{vs_random}]")
+    rankings = sorted(root.glob("*/ranking_report.json")) if root.is_dir() else []
+    if rankings:
+        lines.append(f"ranking evaluations ({root}): {len(rankings)}")
+    for path in rankings:
+        r = json.loads(path.read_text())
+        h5 = (((r.get("splits") or {}).get("test") or {}).get("horizons") or {}).get("5") or {}
+        ric = h5.get("rank_ic") or {}
+        m = (r.get("backtest") or {}).get("metrics") or {}
+        perm = (((r.get("backtest") or {}).get("permuted_rankings") or {}).get("sharpe_daily_gross") or {}).get("p_value")
+        lines.append(f"  {path.parent.name}: {r.get('bundle')}  [test 5-day RankIC {_num(ric.get('mean'))} "
+                     f"(HAC t {_num(ric.get('hac_t'))}); daily long-short net return {_num(m.get('total_return'))}, "
+                     f"Sharpe {_num(m.get('sharpe'))} [{_num(m.get('sharpe_lower'))}, {_num(m.get('sharpe_upper'))}]"
+                     + (f", p vs permuted rankings {_num(perm)}" if perm is not None else "") + "]")
+        lines.append(f"    tables: {path.parent / 'ranking.md'}")
     table = root / "variant_comparison.md"
     if table.exists():
         lines.append(f"  side by side: {table}")

@@ -164,3 +164,77 @@ def pass_rate_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def asdict_market(market: SyntheticMarketConfig) -> dict[str, Any]:
     return dataclasses.asdict(market)
+
+
+# -- the panel configuration: the graph family on synthetic daily panels ---------------------------
+
+
+def build_panel(work_dir: Path, panel: Any, log: Callable[[str], None] = print) -> ArtifactPaths:
+    """The data half (panel preset) and the symbol graph (with the panel's own sector map) on one
+    synthetic daily panel under ``work_dir`` (a fresh directory)."""
+    import dataclasses as _dc
+
+    from sentinel_pipeline.data.symbol_graph import GraphConfig, run_symbol_graph
+    from sentinel_pipeline.data_half import panel_config, run_data_half, synthetic_panel_sector_file
+
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    paths = ArtifactPaths(data_dir=work_dir / "data", models_dir=work_dir / "models")
+    cfg = panel_config(synthetic_panel=panel)
+    run_data_half(paths, cfg, log=lambda _m: None)
+    sectors = synthetic_panel_sector_file(paths, cfg)
+    graph = GraphConfig() if sectors is None else _dc.replace(GraphConfig(), sector_file=str(sectors))
+    run_symbol_graph(paths, graph)
+    log(f"[calibration] panel seed {panel.seed} strength {panel.signal_strength}: data half and graph done")
+    return paths
+
+
+def calibrate_panel(
+    work_dir: str | Path,
+    seed: int,
+    signal_strength: float,
+    *,
+    variant: str = "gat_multi_horizon",
+    panel_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    gates: Any = None,
+    keep: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build a synthetic panel (``seed``, ``signal_strength``; 0 = null), train the graph family with the
+    pipeline budget (as the panel job does), verify it with the full gate; one record."""
+    from sentinel_pipeline.data.feature_contract import read_contract
+    from sentinel_pipeline.data.symbol_graph import graph_dir
+    from sentinel_pipeline.data.synthetic_panel import SyntheticPanelConfig
+    from sentinel_pipeline.training.engine import train
+    from sentinel_pipeline.verification import verify_bundle
+
+    work_dir = Path(work_dir)
+    panel = SyntheticPanelConfig(seed=int(seed), signal_strength=float(signal_strength), **(panel_overrides or {}))
+    paths = build_panel(work_dir, panel, log)
+    expected = read_contract(paths.feature_contract).hash
+    t0 = time.perf_counter()
+    cfg = pipeline_train_config(paths, variant, work_dir / "runs" / variant,
+                                family_inputs={"symbol_graph": graph_dir(paths)}, **(train_overrides or {}))
+    result = train(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    report = verify_bundle(result.bundle_dir, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"), gates=gates)
+    gate_check = report.check("quality_gates")
+    record = {
+        "variant": variant,
+        "seed": int(seed),
+        "signal_strength": float(signal_strength),
+        "passed": report.passed,
+        "gates_passed": bool(report.gate_results) and all(g["passed"] for g in report.gate_results),
+        "failed_checks": report.failed_checks,
+        "gates": report.gate_results,
+        "quality_gates_detail": gate_check.detail,
+        "train_seconds": round(seconds, 1),
+        "epochs": result.metrics.get("epochs_completed"),
+        "best_epoch": result.metrics.get("best_epoch"),
+    }
+    log(f"[calibration] panel seed {seed} strength {signal_strength} {variant}: "
+        f"{'PASS' if report.passed else 'FAIL'} ({seconds:.0f}s) {gate_check.detail[:300]}")
+    if not keep:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return record
