@@ -20,6 +20,7 @@ from sentinel_pipeline.data.symbol_graph import (
     run_symbol_graph,
 )
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
+from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.orchestration.graph_assets import GRAPH_ASSETS, symbol_graph
 from sentinel_pipeline.orchestration.settings import PipelineSettings
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
@@ -106,7 +107,8 @@ def test_day_batches_over_the_train_split_with_the_graph(built):
 def test_symbol_graph_asset_materialises_with_ui_metadata(built):
     paths = built
     resources = {"settings": PipelineSettings(data_dir=str(paths.data_dir), models_dir=str(paths.models_dir),
-                                              raw_dir=None)}
+                                              raw_dir=None),
+                 "data_settings": DataHalfSettings()}
     config = {"ops": {"symbol_graph": {"config": {"top_k": 3, "min_abs_corr": 0.1, "min_overlap": 30}}}}
     assert GRAPH_ASSETS == [symbol_graph]
     with dg.DagsterInstance.ephemeral() as instance:
