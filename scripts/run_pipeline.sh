@@ -14,7 +14,8 @@
 #                                           trained on day batches, verified, evaluated as a ranking; raw
 #                                           input FILE (e.g. ../shared/data/daily_equities_panel.parquet),
 #                                           else the SYNTHETIC panel; its own data/panel/, models/panel/ and
-#                                           Dagster instance .dagster_home/panel/
+#                                           Dagster instance .dagster_home/panel/ (with --raw FILE:
+#                                           data/panel-<file stem>/, models/panel-<file stem>/, ...)
 # Other arguments pass through to `dagster job execute` (e.g. -c run_config.yaml).
 #   DAGSTER_HOME   Dagster instance directory (default .dagster_home/, created with deploy/dagster.yaml)
 #   SENTINEL_LOG_LEVEL  console log level of the run (default INFO; DEBUG shows every engine event)
@@ -48,9 +49,13 @@ if [ "$job" = quick_pipeline ]; then
   echo "[quick] synthetic demo: a small generated market with a strong planted signal (not real data);"
   echo "[quick] results in $SENTINEL_DATA_DIR/ and $SENTINEL_MODELS_DIR/, Dagster instance $DAGSTER_HOME"
 elif [ "$job" = panel_pipeline ]; then
-  export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}/panel"
-  export SENTINEL_PANEL_DATA_DIR="${SENTINEL_PANEL_DATA_DIR:-data/panel}"
-  export SENTINEL_PANEL_MODELS_DIR="${SENTINEL_PANEL_MODELS_DIR:-models/panel}"
+  # one set of directories (and Dagster instance) per raw input: bundles of the synthetic panel and of a
+  # real file never meet in one models folder (same contract, different data)
+  tag=panel
+  if [ -n "$raw" ]; then tag="panel-$(basename "$raw" | sed -e 's/\.[^.]*$//' -e 's/[^A-Za-z0-9_-]/_/g')"; fi
+  export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}/$tag"
+  export SENTINEL_PANEL_DATA_DIR="${SENTINEL_PANEL_DATA_DIR:-data/$tag}"
+  export SENTINEL_PANEL_MODELS_DIR="${SENTINEL_PANEL_MODELS_DIR:-models/$tag}"
   export SENTINEL_DATA_DIR="$SENTINEL_PANEL_DATA_DIR" SENTINEL_MODELS_DIR="$SENTINEL_PANEL_MODELS_DIR"
   unset SENTINEL_RAW_DIR
   if [ -n "$raw" ]; then
