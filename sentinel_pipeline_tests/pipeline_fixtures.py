@@ -30,7 +30,10 @@ from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.orchestration.jobs import checks_only, ci_gate, full_pipeline, nightly_rebuild
 from sentinel_pipeline.orchestration.settings import PipelineSettings
 from sentinel_pipeline.paths import ArtifactPaths
-from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.training.families import variants_of_kind
+
+# the variants of the intraday graph (window families); the panel job trains the others
+VARIANTS = variants_of_kind("windows")
 
 SMALL_MARKET: dict[str, Any] = {
     "synthetic_n_symbols": 20,

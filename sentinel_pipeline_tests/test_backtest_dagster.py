@@ -29,7 +29,7 @@ from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.orchestration.jobs import full_pipeline
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
-from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.training.families import variants_of_kind
 from sentinel_pipeline.verification import require_verified
 from sentinel_pipeline_tests.pipeline_fixtures import (
     DATA_STAGES,
@@ -44,6 +44,9 @@ from sentinel_pipeline_tests.pipeline_fixtures import (
     started_steps,
     step_failures,
 )
+
+# the variants of the intraday graph (window families); the panel job trains the others
+VARIANTS = variants_of_kind("windows")
 
 pytestmark = [
     pytest.mark.slow,

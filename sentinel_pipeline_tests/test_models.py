@@ -18,6 +18,9 @@ from sentinel_pipeline.training.models import (
 )
 from sentinel_pipeline.training.runtime import seed_everything
 
+# the window family's variants (the graph family has its own tests: test_gat_family, test_gat_multi_horizon_net)
+VARIANTS = {k: v for k, v in VARIANTS.items() if v.batch_kind == "windows"}
+
 SEQ_LEN = 30
 CARDS = [3, 4, 5, 7, 12]
 

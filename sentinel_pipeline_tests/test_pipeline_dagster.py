@@ -47,7 +47,6 @@ from sentinel_pipeline.orchestration.replay_assets import replay_asset_key
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.paths import SPLITS
 from sentinel_pipeline.stage_cache import read_record
-from sentinel_pipeline.training.models import VARIANTS
 from sentinel_pipeline.verification import CHECK_NAMES
 from sentinel_pipeline_tests.bundle_tamper import (
     plant_pickles_in_scalers_and_records,
@@ -56,6 +55,7 @@ from sentinel_pipeline_tests.bundle_tamper import (
 from sentinel_pipeline_tests.pipeline_fixtures import (
     DATA_STAGES,
     SMALL_MARKET,
+    VARIANTS,
     PipelineHome,
     check_evaluations,
     cli_run_config,

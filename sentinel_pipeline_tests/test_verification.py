@@ -465,10 +465,12 @@ def test_default_gates_cover_every_variant() -> None:
     for name, spec in VARIANTS.items():
         gates = DEFAULT_GATES[name]
         assert gates.min_directional_t == DEFAULT_MIN_DIRECTIONAL_T
-        if spec.classifier:
-            assert (gates.null_quantile, gates.min_mse_t) == (0.95, None)
+        if spec.batch_kind == "days":  # a ranking family: its 5-day head on fwd_ret_5, no MSE gate
+            assert (gates.head, gates.horizon, gates.null_quantile, gates.min_mse_t) == ("ret_5", 5, None, None)
+        elif spec.classifier:
+            assert (gates.null_quantile, gates.min_mse_t, gates.horizon) == (0.95, None, None)
         else:
-            assert (gates.null_quantile, gates.min_mse_t) == (None, DEFAULT_MIN_MSE_T)
+            assert (gates.null_quantile, gates.min_mse_t, gates.horizon) == (None, DEFAULT_MIN_MSE_T, None)
 
 
 @pytest.mark.parametrize("variant", VARIANTS_TESTED)

@@ -359,7 +359,9 @@ def _metadata(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_materialize_all_through_the_webserver(tmp_path: Path) -> None:
-    from sentinel_pipeline.training.models import VARIANTS
+    from sentinel_pipeline.training.families import variants_of_kind
+
+    VARIANTS = variants_of_kind("windows")
     from sentinel_pipeline.verification import require_verified
 
     with dagster_dev(tmp_path) as server:

@@ -47,11 +47,14 @@ from sentinel_pipeline.orchestration.replay_assets import (
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.stage_cache import fingerprint, fresh_record
-from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.training.families import VARIANTS, variants_of_kind
 from sentinel_pipeline.verification import BundleNotVerifiedError, require_verified
 
 BACKTEST_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 COMPARISON_KEY = dg.AssetKey("variant_comparison")
+# the trade backtests side by side: the window families' variants (a day family's ranking evaluation has
+# its own report)
+COMPARED = list(variants_of_kind("windows"))
 METADATA_DIGITS = 4
 
 
@@ -233,7 +236,7 @@ def _report_status(context: dg.AssetExecutionContext, paths: Any, variant: str,
 
 @dg.asset(
     key=COMPARISON_KEY,
-    deps=[backtest_asset_key(v) for v in VARIANTS],
+    deps=[backtest_asset_key(v) for v in COMPARED],
     group_name="backtest",
     kinds={"json"},
     pool=WRITE_POOL,
@@ -243,7 +246,7 @@ def _report_status(context: dg.AssetExecutionContext, paths: Any, variant: str,
 def variant_comparison(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
     paths = settings.paths()
     rows = []
-    for variant in VARIANTS:
+    for variant in COMPARED:
         path = backtest_dir(paths, variant) / REPORT_NAME
         report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         rows.append(comparison_row(variant, report, _report_status(context, paths, variant, report)))
@@ -253,7 +256,7 @@ def variant_comparison(context: dg.AssetExecutionContext, settings: PipelineSett
     write_text_atomic(out / "variant_comparison.md", table + "\n")
     return dg.MaterializeResult(metadata={
         "comparison": dg.MetadataValue.md(table),
-        "verification": verification_table(paths.models_dir, VARIANTS),
+        "verification": verification_table(paths.models_dir, COMPARED),
         "n_current": sum(r["status"] == "current" for r in rows),
         "path": dg.MetadataValue.path(str(out / "variant_comparison.json")),
     })

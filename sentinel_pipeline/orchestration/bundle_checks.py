@@ -13,7 +13,7 @@ from sentinel_pipeline.orchestration.metadata import md_table
 from sentinel_pipeline.orchestration.settings import PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.paths import ArtifactPaths
-from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.training.families import VARIANTS
 from sentinel_pipeline.verification import load_gates, verify_bundle, write_verification_record
 
 CHECK_NAME = "bundle_verified"

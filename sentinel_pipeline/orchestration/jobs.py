@@ -15,6 +15,8 @@ from typing import Any
 
 import dagster as dg
 
+from sentinel_pipeline.training.families import VARIANTS
+
 # console logging of every job: INFO and above (Dagster's default for a run without logger config is
 # DEBUG: one line per engine event, ~40 per step)
 LOG_LEVEL = os.environ.get("SENTINEL_LOG_LEVEL", "INFO").upper()
@@ -25,7 +27,9 @@ LOGGER_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level":
 # evaluation) belong to the panel configuration (`panel_pipeline`, daily bars), not to the intraday
 # default graph, whose jobs leave them out
 PANEL_VARIANT = "gat_multi_horizon"
-PANEL_ONLY = dg.AssetSelection.assets("symbol_graph", f"bundle_{PANEL_VARIANT}", f"backtest_{PANEL_VARIANT}")
+UNIVERSE_VARIANTS = [v for v, spec in VARIANTS.items() if spec.batch_kind != "windows"]
+PANEL_ONLY = dg.AssetSelection.assets(
+    "symbol_graph", *(f"{kind}_{v}" for v in UNIVERSE_VARIANTS for kind in ("bundle", "backtest")))
 
 # the whole graph: every asset and every check (blocking checks stop what depends on them)
 full_pipeline = dg.define_asset_job(

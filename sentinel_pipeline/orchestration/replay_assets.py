@@ -34,7 +34,7 @@ from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
 from sentinel_pipeline.replay import ReplayConfig, feature_parity, replay_comparison, write_replay_outputs
-from sentinel_pipeline.training.models import VARIANTS
+from sentinel_pipeline.training.families import variants_of_kind
 from sentinel_pipeline.verification import require_verified
 
 REPLAY_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -207,6 +207,6 @@ def build_parity_check(variant: str) -> dg.AssetChecksDefinition:
 
 # replay streams bars through a per-sample model: the variants of window families only (a day family's
 # bundle is evaluated by its ranking stage, backtest_<variant>)
-REPLAYABLE = [v for v, spec in VARIANTS.items() if spec.batch_kind == "windows"]
+REPLAYABLE = list(variants_of_kind("windows"))
 REPLAY_ASSETS = [build_replay_asset(v) for v in REPLAYABLE]
 REPLAY_CHECKS = [build_parity_check(v) for v in REPLAYABLE]

@@ -44,6 +44,11 @@ FAMILIES: dict[str, ModelFamily] = {}
 VARIANTS: dict[str, VariantSpec] = {}
 
 
+def variants_of_kind(batch_kind: str) -> dict[str, VariantSpec]:
+    """The registered variants whose family has ``batch_kind`` (e.g. ``"windows"``), in registry order."""
+    return {name: spec for name, spec in VARIANTS.items() if spec.batch_kind == batch_kind}
+
+
 def register_family(family: ModelFamily) -> ModelFamily:
     """Add ``family`` and its variants to the registry (``ValueError`` on a name already taken)."""
     family.check()
