@@ -29,6 +29,7 @@ from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.orchestration.jobs import full_pipeline
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
+from sentinel_pipeline.training.families import VARIANTS as ALL_VARIANTS
 from sentinel_pipeline.training.families import variants_of_kind
 from sentinel_pipeline.verification import require_verified
 from sentinel_pipeline_tests.pipeline_fixtures import (
@@ -233,7 +234,9 @@ def test_the_code_location_runs_the_backtests_in_every_job_and_by_a_sensor() -> 
         assert keys <= set(defs.resolve_job_def(job).asset_layer.selected_asset_keys)
     sensor = defs.resolve_sensor_def("backtest_automation")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensor.asset_selection.resolve(defs.resolve_asset_graph()) == keys
+    # the sensor also covers the ranking evaluation of the panel's day-batch variants
+    every = {backtest_asset_key(v) for v in ALL_VARIANTS} | {COMPARISON_KEY}
+    assert sensor.asset_selection.resolve(defs.resolve_asset_graph()) == every
 
 
 def test_a_retrained_bundle_is_compared_with_the_previous_verified_one_on_the_same_window(good: Good) -> None:

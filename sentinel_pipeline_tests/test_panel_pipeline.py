@@ -30,7 +30,7 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInP
         {"panel_seed": 3, "panel_n_symbols": 60, "panel_n_days": 520, "signal_strength": 0.4})
     config["ops"] = {
         "bundle_gat_multi_horizon": {"config": {"epochs": 3, "patience": 2, "log_every": 100_000}},
-        "backtest_gat_multi_horizon": {"config": {"n_random": 50}},
+        "backtest_gat_multi_horizon": {"config": {"n_random": 100}},
     }
     instance = dg.DagsterInstance.ephemeral()
     try:
@@ -67,7 +67,7 @@ def test_panel_job_trains_verifies_and_ranks_the_graph_family(panel) -> None:
     report = json.loads((root / jobs.PANEL_DATA_DIR / "artifacts" / "backtest" / "gat_multi_horizon"
                          / "ranking_report.json").read_text())
     assert set(report["splits"]["test"]["horizons"]) == {"1", "5", "10", "20"}
-    assert report["backtest"]["permuted_rankings"]["n"] == 50
+    assert report["backtest"]["permuted_rankings"]["n"] == 100
 
 
 def test_intraday_jobs_leave_the_panel_assets_out() -> None:
