@@ -107,7 +107,7 @@ def test_planted_signal_is_measurable_by_the_oracle_and_by_momentum(panel) -> No
     assert report["tail_days"] >= 140 and report["hac_lag"] == 4
     assert oracle["ic_tail"] > 0.05 and oracle["t_tail"] > 3
     # learnable from a feature the pipeline computes: the momentum rank alone clears t > 3, weakly
-    assert 0.02 < mom["ic_tail"] < 0.12 and mom["t_tail"] > 3
+    assert 0.02 < mom["ic_tail"] < 0.16 and mom["t_tail"] > 3
     assert mom["ic_tail"] < oracle["ic_tail"]
 
 
