@@ -205,7 +205,8 @@ class DagsterDev:
         _signal_group(pgid, signal.SIGTERM)
         if not _wait_group_gone(self.proc, pgid, SHUTDOWN_TIMEOUT_S):
             self.survivors = _group_members(pgid)
-            self.needed_sigkill = True
+            # a group that emptied between the wait and this look shut down, only slowly (a loaded machine)
+            self.needed_sigkill = bool(self.survivors)
             _signal_group(pgid, signal.SIGKILL)
             _wait_group_gone(self.proc, pgid, 10.0)
 
