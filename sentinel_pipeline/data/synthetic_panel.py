@@ -81,7 +81,7 @@ class SyntheticPanelConfig:
     n_days: int = 1008  # trading days: four years
     start: str = "2019-01-02"
     n_sectors: int = 10
-    signal_strength: float = 0.15  # drift of the top/bottom ranked symbol, in daily sigmas; 0 = null
+    signal_strength: float = 0.12  # drift of the top/bottom ranked symbol, in daily sigmas; 0 = null
     characteristic_half_life: float = 120.0  # days
     t_dof: float = 5.0
     garch_alpha: float = 0.05
