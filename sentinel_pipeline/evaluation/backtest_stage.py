@@ -176,23 +176,12 @@ def run_backtest_stage(
         raise BacktestRefused(f"{bundle_dir}: cannot be backtested on {test_h5}: {problem}")
     current = backtest_loaded_bundle(bundle, test, config, validation)
     previous: ScoredBacktest | None = None
-    note: str | None = None
     comparison: dict[str, Any] | None = None
     prev_name = Path(previous_dir).name if previous_dir is not None else None
-    if previous_dir is None:
-        note = "no previous verified bundle of this variant"
-    else:
-        try:
-            require_verified(previous_dir)
-            prev_bundle = load_bundle(previous_dir)
-        except ValueError as exc:  # BundleError, BundleNotVerifiedError
-            note = f"previous bundle cannot be used: {exc}"
-        else:
-            note = window_problem(prev_bundle.metadata, expected_hash, test_start) or scaler_problem(
-                previous_dir, scalers_dir)
-            if note is None:
-                previous = backtest_loaded_bundle(prev_bundle, test, config, validation, random_baseline=False)
-                comparison = compare_backtests(current.result, previous.result, seed=config.seed)
+    prev_bundle, note = usable_previous_bundle(previous_dir, expected_hash, test_start, scalers_dir)
+    if prev_bundle is not None:
+        previous = backtest_loaded_bundle(prev_bundle, test, config, validation, random_baseline=False)
+        comparison = compare_backtests(current.result, previous.result, seed=config.seed)
     extra = {
         "bundle": bundle_dir.name,
         "variant": bundle.variant,
@@ -204,6 +193,23 @@ def run_backtest_stage(
     report = backtest_report(current.result, comparison, extra=extra)
     files = write_backtest_outputs(out_dir, current, previous, report, fingerprint=fingerprint)
     return BacktestOutcome(current, previous, prev_name, note, comparison, report, files)
+
+
+def usable_previous_bundle(
+    previous_dir: str | Path | None, expected_hash: str, test_start: pd.Timestamp, scalers_dir: str | Path
+) -> tuple[LoadedBundle | None, str | None]:
+    """The previous verified bundle loaded for comparison on a test window starting at ``test_start``,
+    or ``None`` with the reason it cannot be compared (none, unverified, unreadable, trained on the window,
+    other scalers). Used by the window backtest and the ranking evaluation alike."""
+    if previous_dir is None:
+        return None, "no previous verified bundle of this variant"
+    try:
+        require_verified(previous_dir)
+        bundle = load_bundle(previous_dir)
+    except ValueError as exc:  # BundleError, BundleNotVerifiedError
+        return None, f"previous bundle cannot be used: {exc}"
+    note = window_problem(bundle.metadata, expected_hash, test_start) or scaler_problem(previous_dir, scalers_dir)
+    return (None, note) if note is not None else (bundle, None)
 
 
 def scaler_problem(bundle_dir: str | Path, scalers_dir: str | Path) -> str | None:

@@ -68,8 +68,6 @@ def calibrate_market(
 ) -> list[dict[str, Any]]:
     """Build a market, train ``variants`` with the pipeline budget, verify each; one record per variant."""
     from sentinel_pipeline.data.feature_contract import read_contract
-    from sentinel_pipeline.training.engine import train
-    from sentinel_pipeline.verification import verify_bundle
 
     work_dir = Path(work_dir)
     market = SyntheticMarketConfig(seed=int(seed), signal_strength=float(signal_strength),
@@ -78,32 +76,42 @@ def calibrate_market(
     expected = read_contract(paths.feature_contract).hash
     records = []
     for variant in variants:
-        t0 = time.perf_counter()
         overrides = {**(train_overrides or {}), **(variant_overrides or {}).get(variant, {})}
         cfg = pipeline_train_config(paths, variant, work_dir / "runs" / variant, **overrides)
-        result = train(cfg, progress=False)
-        seconds = time.perf_counter() - t0
-        report = verify_bundle(result.bundle_dir, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"),
-                               gates=gates)
-        gate_check = report.check("quality_gates")
-        record = {
-            "variant": variant,
-            "seed": int(seed),
-            "signal_strength": float(signal_strength),
-            "passed": report.passed,
-            "gates_passed": bool(report.gate_results) and all(g["passed"] for g in report.gate_results),
-            "failed_checks": report.failed_checks,
-            "gates": report.gate_results,
-            "quality_gates_detail": gate_check.detail,
-            "train_seconds": round(seconds, 1),
-            "epochs": result.metrics.get("epochs_completed"),
-        }
-        log(f"[calibration] seed {seed} strength {signal_strength} {variant}: "
-            f"{'PASS' if report.passed else 'FAIL'} ({seconds:.0f}s) {gate_check.detail[:300]}")
+        record, _ = train_and_verify(cfg, paths, expected, gates, seed, signal_strength, log, "")
         records.append(record)
     if not keep:
         shutil.rmtree(work_dir, ignore_errors=True)
     return records
+
+
+def train_and_verify(cfg: Any, paths: ArtifactPaths, expected: str, gates: Any, seed: int, signal_strength: float,
+                     log: Callable[[str], None], label: str) -> tuple[dict[str, Any], Any]:
+    """Train ``cfg`` and verify its bundle with the gates scored on the test split; the calibration record
+    (verdict, every gate statistic, training time and epochs) and the ``TrainResult``."""
+    from sentinel_pipeline.training.engine import train
+    from sentinel_pipeline.verification import verify_bundle
+
+    t0 = time.perf_counter()
+    result = train(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    report = verify_bundle(result.bundle_dir, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"), gates=gates)
+    gate_check = report.check("quality_gates")
+    record = {
+        "variant": cfg.model,
+        "seed": int(seed),
+        "signal_strength": float(signal_strength),
+        "passed": report.passed,
+        "gates_passed": bool(report.gate_results) and all(g["passed"] for g in report.gate_results),
+        "failed_checks": report.failed_checks,
+        "gates": report.gate_results,
+        "quality_gates_detail": gate_check.detail,
+        "train_seconds": round(seconds, 1),
+        "epochs": result.metrics.get("epochs_completed"),
+    }
+    log(f"[calibration] {label}seed {seed} strength {signal_strength} {cfg.model}: "
+        f"{'PASS' if report.passed else 'FAIL'} ({seconds:.0f}s) {gate_check.detail[:300]}")
+    return record, result
 
 
 def feature_null_statistics(
@@ -206,35 +214,15 @@ def calibrate_panel(
     from sentinel_pipeline.data.feature_contract import read_contract
     from sentinel_pipeline.data.symbol_graph import graph_dir
     from sentinel_pipeline.data.synthetic_panel import SyntheticPanelConfig
-    from sentinel_pipeline.training.engine import train
-    from sentinel_pipeline.verification import verify_bundle
 
     work_dir = Path(work_dir)
     panel = SyntheticPanelConfig(seed=int(seed), signal_strength=float(signal_strength), **(panel_overrides or {}))
     paths = build_panel(work_dir, panel, log)
     expected = read_contract(paths.feature_contract).hash
-    t0 = time.perf_counter()
     cfg = pipeline_train_config(paths, variant, work_dir / "runs" / variant,
                                 family_inputs={"symbol_graph": graph_dir(paths)}, **(train_overrides or {}))
-    result = train(cfg, progress=False)
-    seconds = time.perf_counter() - t0
-    report = verify_bundle(result.bundle_dir, expected, val_h5=paths.h5("val"), gate_h5=paths.h5("test"), gates=gates)
-    gate_check = report.check("quality_gates")
-    record = {
-        "variant": variant,
-        "seed": int(seed),
-        "signal_strength": float(signal_strength),
-        "passed": report.passed,
-        "gates_passed": bool(report.gate_results) and all(g["passed"] for g in report.gate_results),
-        "failed_checks": report.failed_checks,
-        "gates": report.gate_results,
-        "quality_gates_detail": gate_check.detail,
-        "train_seconds": round(seconds, 1),
-        "epochs": result.metrics.get("epochs_completed"),
-        "best_epoch": result.metrics.get("best_epoch"),
-    }
-    log(f"[calibration] panel seed {seed} strength {signal_strength} {variant}: "
-        f"{'PASS' if report.passed else 'FAIL'} ({seconds:.0f}s) {gate_check.detail[:300]}")
+    record, result = train_and_verify(cfg, paths, expected, gates, seed, signal_strength, log, "panel ")
+    record["best_epoch"] = result.metrics.get("best_epoch")
     if not keep:
         shutil.rmtree(work_dir, ignore_errors=True)
     return record

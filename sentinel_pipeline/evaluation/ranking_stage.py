@@ -21,7 +21,12 @@ import pandas as pd
 
 from sentinel_pipeline.bundles import LoadedBundle, load_bundle
 from sentinel_pipeline.data.split_arrays import SplitArrays
-from sentinel_pipeline.evaluation.backtest_stage import _first_sample_time, scaler_problem, window_problem
+from sentinel_pipeline.evaluation.backtest_stage import (
+    _first_sample_time,
+    scaler_problem,
+    usable_previous_bundle,
+    window_problem,
+)
 from sentinel_pipeline.evaluation.predictions import score_split
 from sentinel_pipeline.evaluation.ranking import (
     REPORT_NAME,
@@ -83,22 +88,9 @@ def run_ranking_stage(
         raise RankingRefused(f"{bundle_dir}: cannot be evaluated on {test_h5}: {problem}")
     scored_test = score_bundle(bundle, test)
     scored_val = score_bundle(bundle, val)
-    previous_scored = None
-    note: str | None = None
     prev_name = Path(previous_dir).name if previous_dir is not None else None
-    if previous_dir is None:
-        note = "no previous verified bundle of this variant"
-    else:
-        try:
-            require_verified(previous_dir)
-            prev_bundle = load_bundle(previous_dir)
-        except ValueError as exc:  # BundleError, BundleNotVerifiedError
-            note = f"previous bundle cannot be used: {exc}"
-        else:
-            note = window_problem(prev_bundle.metadata, expected_hash, test_start) or scaler_problem(
-                previous_dir, scalers_dir)
-            if note is None:
-                previous_scored = score_bundle(prev_bundle, test)
+    prev_bundle, note = usable_previous_bundle(previous_dir, expected_hash, test_start, scalers_dir)
+    previous_scored = score_bundle(prev_bundle, test) if prev_bundle is not None else None
     extra = {
         "bundle": bundle_dir.name,
         "variant": bundle.variant,

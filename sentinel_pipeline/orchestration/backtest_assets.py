@@ -24,7 +24,6 @@ import dagster as dg
 import pandas as pd
 
 from sentinel_pipeline.atomic_io import write_json_atomic, write_text_atomic
-from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.evaluation.backtest import BacktestConfig, rounded
 from sentinel_pipeline.evaluation.backtest_stage import (
     BACKTEST_RULES_VERSION,
@@ -35,18 +34,13 @@ from sentinel_pipeline.evaluation.backtest_stage import (
     comparison_row,
     run_backtest_stage,
 )
-from sentinel_pipeline.locking import bundle_lock, exclusive_lock
 from sentinel_pipeline.orchestration.bundle_checks import current_bundle
-from sentinel_pipeline.orchestration.data_assets import hdf5_splits, upstream_fingerprint
+from sentinel_pipeline.orchestration.data_assets import hdf5_splits
 from sentinel_pipeline.orchestration.metadata import image, md_table, sparkline
 from sentinel_pipeline.orchestration.overview import verification_table
-from sentinel_pipeline.orchestration.replay_assets import (
-    dagster_verified_digest,
-    previous_verified_bundle,
-)
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
-from sentinel_pipeline.stage_cache import fingerprint, fresh_record
+from sentinel_pipeline.orchestration.verified_evaluation import evaluate_verified_bundle
 from sentinel_pipeline.training.families import VARIANTS, variants_of_kind
 from sentinel_pipeline.verification import BundleNotVerifiedError, require_verified
 
@@ -177,38 +171,16 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
     )
     def _backtest(context: dg.AssetExecutionContext, config: BacktestRunConfig, settings: PipelineSettings):
         paths = settings.paths()
-        bundle = current_bundle(context.instance, paths, variant)
-        # shared lock on the bundle (its verification, exclusive, cannot run while it is read) and an
-        # exclusive one on the output directory (two backtests of the variant would replace it at once);
-        # the latter's file sits beside the directory, which is replaced as a whole
-        with bundle_lock(bundle, shared=True), exclusive_lock(backtest_dir(paths, variant).parent,
-                                                              name=f".{variant}.lock"):
-            digest, refusal = dagster_verified_digest(context.instance, variant)
-            if refusal is not None:
-                raise dg.Failure(description=f"backtest of {bundle.name} refused: {refusal}")
-            expected = read_contract(paths.feature_contract).hash
-            try:
-                require_verified(bundle, expected, verified_manifest_sha256=digest)
-            except BundleNotVerifiedError as exc:
-                raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
-            previous = previous_verified_bundle(paths.models_dir, variant, bundle)
-            fp = fingerprint(
-                stage="backtest", rules=BACKTEST_RULES_VERSION, bundle=bundle.name,
-                manifest=digest, previous=previous.name if previous else None,
-                hdf5=upstream_fingerprint(paths.hdf5_dir, "hdf5_splits"), config=config.model_dump(),
-            )
-            out = backtest_dir(paths, variant)
-            reused = fresh_record(out, fp) is not None
-            if reused:
-                context.log.info(f"inputs unchanged (fingerprint {fp[:12]}): reusing {out}")
-            else:
-                try:
-                    run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out,
-                                       config.to_backtest_config(), previous_dir=previous, fingerprint=fp,
-                                       scalers_dir=paths.scalers_dir, verified_manifest_sha256=digest)
-                except (BundleNotVerifiedError, BacktestRefused) as exc:
-                    raise dg.Failure(description=f"backtest of {bundle.name} refused: {exc}") from exc
-            report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+        out = backtest_dir(paths, variant)
+
+        def run(bundle: Path, expected: str, previous: Path | None, fp: str, digest: str | None) -> None:
+            run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out, config.to_backtest_config(),
+                               previous_dir=previous, fingerprint=fp, scalers_dir=paths.scalers_dir,
+                               verified_manifest_sha256=digest)
+
+        report, fp, reused = evaluate_verified_bundle(
+            context, paths, variant, out, what="backtest", stage="backtest", rules=BACKTEST_RULES_VERSION,
+            config=config.model_dump(), run=run, refused=(BacktestRefused,), report_name=REPORT_NAME)
         metadata = backtest_metadata(report, out, variant)
         metadata.update({"reused": reused, "input_fingerprint": fp[:16]})
         return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fp[:16]))

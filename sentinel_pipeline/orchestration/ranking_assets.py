@@ -9,13 +9,11 @@ check of its dependencies to pass. Outputs: ``data/artifacts/backtest/<variant>/
 decay and long-short equity plots, daily and period tables); unchanged inputs reuse the stored result.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.evaluation.ranking import EQUITY_PLOT, IC_DECAY_PLOT, RankingConfig, ranking_markdown
 from sentinel_pipeline.evaluation.ranking_stage import (
     RANKING_REPORT_NAME,
@@ -23,15 +21,11 @@ from sentinel_pipeline.evaluation.ranking_stage import (
     RankingRefused,
     run_ranking_stage,
 )
-from sentinel_pipeline.locking import bundle_lock, exclusive_lock
-from sentinel_pipeline.orchestration.bundle_checks import current_bundle
-from sentinel_pipeline.orchestration.data_assets import hdf5_splits, upstream_fingerprint
+from sentinel_pipeline.orchestration.data_assets import hdf5_splits
 from sentinel_pipeline.orchestration.metadata import image
-from sentinel_pipeline.orchestration.replay_assets import dagster_verified_digest, previous_verified_bundle
 from sentinel_pipeline.orchestration.settings import WRITE_POOL, PipelineSettings
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
-from sentinel_pipeline.stage_cache import fingerprint, fresh_record
-from sentinel_pipeline.verification import BundleNotVerifiedError, require_verified
+from sentinel_pipeline.orchestration.verified_evaluation import evaluate_verified_bundle
 
 RANKING_AUTOMATION = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
@@ -102,34 +96,16 @@ def build_ranking_asset(variant: str, key: dg.AssetKey) -> dg.AssetsDefinition:
     )
     def _ranking(context: dg.AssetExecutionContext, config: RankingRunConfig, settings: PipelineSettings):
         paths = settings.paths()
-        bundle = current_bundle(context.instance, paths, variant)
         out = ranking_dir(paths, variant)
-        with bundle_lock(bundle, shared=True), exclusive_lock(out.parent, name=f".{variant}.lock"):
-            digest, refusal = dagster_verified_digest(context.instance, variant)
-            if refusal is not None:
-                raise dg.Failure(description=f"ranking evaluation of {bundle.name} refused: {refusal}")
-            expected = read_contract(paths.feature_contract).hash
-            try:
-                require_verified(bundle, expected, verified_manifest_sha256=digest)
-            except BundleNotVerifiedError as exc:
-                raise dg.Failure(description=f"ranking evaluation of {bundle.name} refused: {exc}") from exc
-            previous = previous_verified_bundle(paths.models_dir, variant, bundle)
-            fp = fingerprint(
-                stage="ranking", rules=RANKING_RULES_VERSION, bundle=bundle.name, manifest=digest,
-                previous=previous.name if previous else None,
-                hdf5=upstream_fingerprint(paths.hdf5_dir, "hdf5_splits"), config=config.model_dump(),
-            )
-            reused = fresh_record(out, fp) is not None
-            if reused:
-                context.log.info(f"inputs unchanged (fingerprint {fp[:12]}): reusing {out}")
-            else:
-                try:
-                    run_ranking_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out,
-                                      config.to_ranking_config(), previous_dir=previous, fingerprint=fp,
-                                      scalers_dir=paths.scalers_dir, verified_manifest_sha256=digest)
-                except (BundleNotVerifiedError, RankingRefused) as exc:
-                    raise dg.Failure(description=f"ranking evaluation of {bundle.name} refused: {exc}") from exc
-            summary = json.loads((out / RANKING_REPORT_NAME).read_text(encoding="utf-8"))
+
+        def run(bundle: Path, expected: str, previous: Path | None, fp: str, digest: str | None) -> None:
+            run_ranking_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out, config.to_ranking_config(),
+                              previous_dir=previous, fingerprint=fp, scalers_dir=paths.scalers_dir,
+                              verified_manifest_sha256=digest)
+
+        summary, fp, reused = evaluate_verified_bundle(
+            context, paths, variant, out, what="ranking evaluation", stage="ranking", rules=RANKING_RULES_VERSION,
+            config=config.model_dump(), run=run, refused=(RankingRefused,), report_name=RANKING_REPORT_NAME)
         metadata = ranking_metadata(summary, out, variant)
         metadata.update({"reused": reused, "input_fingerprint": fp[:16], "path": dg.MetadataValue.path(str(out))})
         return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(fp[:16]))
