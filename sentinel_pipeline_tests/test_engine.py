@@ -314,3 +314,30 @@ def test_training_without_a_thread_count_uses_the_default_not_torchs(data: Train
         assert "torch intra-op threads: 1 (default" in (tmp_path / "run" / "train_log.txt").read_text()
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resumed_run_keeps_the_thread_count_it_started_with(data: TrainingData, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default thread count follows the CPUs free at the start; a run interrupted on 2 threads and
+    resumed when only 1 CPU is free continues on 2 (results are bit-identical only at equal counts)."""
+    from sentinel_pipeline.training import runtime
+
+    before = torch.get_num_threads()
+    kw = {"model": "mlp_two_head", "limit_samples": LIMIT, "epochs": 2, "threads": None}
+    out = tmp_path / "run"
+    try:
+        monkeypatch.setattr(runtime, "default_thread_count", lambda usable=None, busy=None: 2)
+        with pytest.raises(Interrupt):
+            train(train_config(data, out, **kw), progress=False, on_epoch_end=_stop_after(1))
+        assert load_resume(out / "resume.pt")["threads"] == 2
+        monkeypatch.setattr(runtime, "default_thread_count", lambda usable=None, busy=None: 1)
+        resumed = train(train_config(data, out, **kw), progress=False)
+        assert resumed.resumed_from_epoch == 1
+        assert torch.get_num_threads() == 2
+        assert load_resume(out / "resume.pt")["threads"] == 2
+        assert "torch intra-op threads: 2 (those of the run being resumed)" in (out / "train_log.txt").read_text()
+        fresh = tmp_path / "fresh"  # a fresh run takes the count free now
+        train(train_config(data, fresh, **{**kw, "epochs": 1}), progress=False)
+        assert load_resume(fresh / "resume.pt")["threads"] == 1
+    finally:
+        torch.set_num_threads(before)

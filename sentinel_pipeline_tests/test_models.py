@@ -182,3 +182,32 @@ def test_signal_from_outputs():
     assert sig[0] < 0 and sig[1] == 0 and sig[2] > 0
     reg = {"early_move": torch.tensor([0.1, -0.2]), "tb_return_atr": torch.tensor([5.0, 6.0])}
     assert torch.equal(signal_from_outputs(VARIANTS["mlp_two_head"], reg), reg["early_move"])
+
+
+def _train_steps(arch: dict, batch: dict[str, torch.Tensor], steps: int = 3) -> torch.Tensor:
+    torch.manual_seed(3)
+    model = build_model(arch)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        total, _ = compute_losses(VARIANTS["transformer_tbm"], model(batch), batch, None)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_transformer_attention_dropout_is_its_own_setting(tmp_path, deterministic):
+    """``attn_dropout`` (default 0.1 = ``dropout``) sets the attention-weight dropout alone; an architecture
+    written before the setting existed builds the same model as the default (same training steps)."""
+    dims = schema_dims(tmp_path, contract())
+    arch = resolve_arch("transformer_tbm", dims, CARDS, SEQ_LEN)
+    assert arch["attn_dropout"] == arch["dropout"] == 0.1
+    legacy = {k: v for k, v in arch.items() if k != "attn_dropout"}
+    batch = fake_batch(dims, CARDS, b=16)
+    assert torch.equal(_train_steps(arch, batch), _train_steps(legacy, batch))
+    fast = resolve_arch("transformer_tbm", dims, CARDS, SEQ_LEN, {"attn_dropout": 0.0})
+    model = build_model(fast)
+    assert [blk.self_attn.dropout for blk in model.encoder.layers] == [0.0] * fast["n_layers"]
+    assert [blk.dropout.p for blk in model.encoder.layers] == [0.1] * fast["n_layers"]
+    assert not torch.equal(_train_steps(fast, batch), _train_steps(arch, batch))

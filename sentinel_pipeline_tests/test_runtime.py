@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,9 +157,30 @@ def test_seed_everything_reproduces_all_generators():
         torch.use_deterministic_algorithms(False)
 
 
-def test_default_thread_count_is_half_the_usable_cpus_capped(monkeypatch):
-    """Oversubscribed OpenMP threads are catastrophic on a busy machine (2 threads on a 2-core machine
-    with one core busy: 3-8x slower than 1, bench/README.md), so the default keeps half the CPUs free."""
-    assert [runtime.default_thread_count(n) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8, 8]
+def test_default_thread_count_is_the_free_usable_cpus_capped(monkeypatch):
+    """One thread per free core is fastest (bench/bench_step_costs.py); a thread on a core that other work
+    keeps busy is catastrophic for OpenMP (2 threads on a 2-core machine with one core busy: 3-8x slower
+    than 1, bench/README.md), so the default counts only the CPUs that are free when training starts."""
+    assert [runtime.default_thread_count(n, busy=0.0) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 4, 8, 8, 8]
+    assert [runtime.default_thread_count(2, busy=b) for b in (0.4, 0.6, 1.0, 1.7, 2.0, 9.0)] == [2, 1, 1, 1, 1, 1]
+    assert runtime.default_thread_count(8, busy=2.6) == 5
     monkeypatch.setattr(runtime, "usable_cpu_count", lambda *a, **k: 2)  # e.g. a cgroup quota of 2 CPUs
+    monkeypatch.setattr(runtime, "busy_cpus", lambda *a, **k: 1.2)  # one of them busy elsewhere
     assert runtime.default_thread_count() == 1
+    monkeypatch.setattr(runtime, "busy_cpus", lambda *a, **k: 0.1)
+    assert runtime.default_thread_count() == 2
+
+
+def test_busy_cpus_sees_a_spinning_process_and_not_itself():
+    n = len(os.sched_getaffinity(0))
+    idle = runtime.busy_cpus(0.3)
+    assert 0.0 <= idle <= n
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = runtime.busy_cpus(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= 0.6, f"a spinning process kept a CPU busy but busy_cpus saw {busy:.2f}"
+    assert busy <= n

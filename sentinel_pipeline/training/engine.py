@@ -251,6 +251,7 @@ class _Run:
     complete: bool = False
     stopped_early: bool = False
     resumed_from: int | None = None
+    threads: int = 1  # torch intra-op threads of this run (a resumed run takes its predecessor's)
 
     def save_state(self, epoch: int) -> None:
         """``resume.pt`` after ``epoch``: everything needed to continue bit for bit."""
@@ -260,7 +261,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "early_stopping": self.stopper.state(), "history": self.history, "rng": capture_rng_state(),
-            "initial_val": self.initial_val,
+            "initial_val": self.initial_val, "threads": self.threads,
         })
 
 
@@ -800,7 +801,7 @@ def _setup(config: TrainConfig, out_dir: Path) -> _Run:
     # every training path (CLI, Pipes, tests) pins its thread count; None: runtime.default_thread_count
     n_threads = runtime.configure_threads(config.threads)
     log.info("torch intra-op threads: %d (%s; %d usable CPUs)", n_threads,
-             "configured" if config.threads is not None else "default: half the usable CPUs",
+             "configured" if config.threads is not None else "default: the usable CPUs not busy at the start",
              runtime.usable_cpu_count())
     try:
         spec = get_variant(config.model)
@@ -842,7 +843,7 @@ def _setup(config: TrainConfig, out_dir: Path) -> _Run:
         arch=arch, train_batcher=train_batcher, val_batcher=val_batcher, baselines=baselines,
         loss_state=loss_state, model=model, setup=setup, optimizer=optimizer, scheduler=scheduler,
         stopper=_EarlyStopping(settings.monitor_mode, config.patience),
-        fingerprint=_fingerprint(config, settings, arch, inputs, setup, data),
+        fingerprint=_fingerprint(config, settings, arch, inputs, setup, data), threads=n_threads,
     )
 
 
@@ -882,6 +883,12 @@ def _resume(run: _Run) -> TrainResult | None:
     run.stopper.load(state["early_stopping"])
     run.complete, run.stopped_early = bool(state["complete"]), bool(state["stopped_early"])
     run.resumed_from = int(state["epoch"])
+    saved_threads = state.get("threads")
+    if run.config.threads is None and saved_threads and int(saved_threads) != run.threads:
+        # the default follows the free CPUs at the start; continue with the count the run began with
+        # (results are bit-identical only at equal thread counts)
+        run.threads = runtime.configure_threads(int(saved_threads))
+        log.info("torch intra-op threads: %d (those of the run being resumed)", run.threads)
     if run.complete and (out_dir / METRICS_NAME).is_file():
         metrics = json.loads((out_dir / METRICS_NAME).read_text(encoding="utf-8"))
         log.info("run in %s is already complete (best epoch %s); not retraining (use --fresh to retrain)",

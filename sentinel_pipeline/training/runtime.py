@@ -1,8 +1,8 @@
 """Runtime helpers for training: threads, memory limits, device choice and seeding.
 
 - :func:`configure_threads` pins OpenMP/MKL/torch to a thread count (every training path calls it
-  before any heavy torch work; ``None`` means :func:`default_thread_count`: half the CPUs this
-  process may actually use, cgroup quota included).
+  before any heavy torch work; ``None`` means :func:`default_thread_count`: the CPUs this process
+  may actually use, cgroup quota included, that other work does not keep busy).
 - :func:`cgroup_memory_limit_bytes` / :func:`available_memory_bytes` read the container's memory
   limit (cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, following this process's own
   cgroup from ``/proc/self/cgroup`` and taking the tightest limit up the hierarchy).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,24 +153,45 @@ def usable_cpu_count(
 # the default never exceeds this: the variants' matrices are small, and past a few threads OpenMP's
 # synchronisation costs more than the extra cores give
 MAX_DEFAULT_THREADS = 8
+# how long busy_cpus samples the CPUs' utilisation
+BUSY_SAMPLE_SECONDS = 0.3
 
 
-def default_thread_count(usable: int | None = None) -> int:
-    """Intra-op threads a training process uses when none are configured: half the usable CPUs
-    (cgroup quota and affinity included, :func:`usable_cpu_count`), at least 1, at most
-    :data:`MAX_DEFAULT_THREADS`.
+def busy_cpus(interval: float = BUSY_SAMPLE_SECONDS) -> float:
+    """How many of this process's CPUs (its affinity mask) other work keeps busy right now: the summed
+    utilisation of those CPUs over ``interval`` seconds (``psutil.cpu_percent(percpu=True)``), less
+    this process's own CPU time in that window (it sleeps; its other threads may not)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = list(range(os.cpu_count() or 1))
+    me = psutil.Process()
+    own0 = sum(me.cpu_times()[:2])
+    psutil.cpu_percent(percpu=True)
+    time.sleep(interval)
+    per_cpu = psutil.cpu_percent(percpu=True)
+    own = max(0.0, sum(me.cpu_times()[:2]) - own0) / interval
+    total = sum(per_cpu[c] for c in cpus if c < len(per_cpu)) / 100.0
+    return max(0.0, total - own)
 
-    Why half: a training process never has the machine to itself (the Dagster run process that
-    launched it, the data loader, other jobs), and a thread count above the cores that are actually
-    free is catastrophic for OpenMP (threads spin-wait for a core that is busy elsewhere: on a busy
-    2-core machine 2 threads trained ``seq_ctx_fusion`` 15-20x slower than 1), while a count below
-    them costs at most the unused share (1 vs 2 threads on a quiet 2-core machine: see
-    bench/README.md). The rule depends on the CPUs granted, not on the momentary load, so that a
-    resumed run uses the same thread count as the run it continues (results are bit-identical only
-    at equal thread counts).
+
+def default_thread_count(usable: int | None = None, busy: float | None = None) -> int:
+    """Intra-op threads a training process uses when none are configured: the usable CPUs (cgroup
+    quota and affinity included, :func:`usable_cpu_count`) that other work does not keep busy at
+    the start (:func:`busy_cpus`, rounded), at least 1, at most :data:`MAX_DEFAULT_THREADS`.
+
+    Why: on free cores every variant trains fastest with one thread per core (on 2 quiet cores 2
+    threads gave 1.3-1.5x the samples/s of 1, ``bench/bench_step_costs.py``), while a thread count
+    above the cores that are actually free is catastrophic for OpenMP (threads spin-wait for a core
+    that is busy elsewhere: with one of 2 cores busy, 2 threads trained 3-8x slower than 1). So the
+    count follows the free cores when a run starts. The engine records it in the run's resume state
+    and a resumed run uses the count of the run it continues: results are bit-identical only at
+    equal thread counts (the transformer's matmuls reduce in a different order on 2 threads).
     """
     n = usable_cpu_count() if usable is None else int(usable)
-    return max(1, min(MAX_DEFAULT_THREADS, n // 2))
+    b = busy_cpus() if busy is None else float(busy)
+    free = n - int(math.floor(b + 0.5))
+    return max(1, min(MAX_DEFAULT_THREADS, free))
 
 
 def configure_threads(n_threads: int | None) -> int:
