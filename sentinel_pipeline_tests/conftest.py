@@ -10,6 +10,8 @@ import pytest
 # keep torch/numba/BLAS from oversubscribing small CI machines
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# training's default thread count follows the free CPUs; tests compare runs, which must not differ by load
+os.environ.setdefault("SENTINEL_TRAIN_THREADS", "1")
 
 # bundles are signed: every test (and every training subprocess it starts) uses a temporary key and
 # trusted-keys directory, never the user's ~/.config/sentinel-pipeline

@@ -164,11 +164,17 @@ def test_default_thread_count_is_the_free_usable_cpus_capped(monkeypatch):
     assert [runtime.default_thread_count(n, busy=0.0) for n in (1, 2, 3, 4, 8, 16, 64)] == [1, 2, 3, 4, 8, 8, 8]
     assert [runtime.default_thread_count(2, busy=b) for b in (0.4, 0.6, 1.0, 1.7, 2.0, 9.0)] == [2, 1, 1, 1, 1, 1]
     assert runtime.default_thread_count(8, busy=2.6) == 5
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
     monkeypatch.setattr(runtime, "usable_cpu_count", lambda *a, **k: 2)  # e.g. a cgroup quota of 2 CPUs
     monkeypatch.setattr(runtime, "busy_cpus", lambda *a, **k: 1.2)  # one of them busy elsewhere
     assert runtime.default_thread_count() == 1
     monkeypatch.setattr(runtime, "busy_cpus", lambda *a, **k: 0.1)
     assert runtime.default_thread_count() == 2
+    monkeypatch.setenv(runtime.THREADS_ENV, "3")  # pinned
+    assert runtime.default_thread_count() == 3
+    monkeypatch.setenv(runtime.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="SENTINEL_TRAIN_THREADS"):
+        runtime.default_thread_count()
 
 
 def test_busy_cpus_sees_a_spinning_process_and_not_itself():

@@ -153,6 +153,8 @@ def usable_cpu_count(
 # the default never exceeds this: the variants' matrices are small, and past a few threads OpenMP's
 # synchronisation costs more than the extra cores give
 MAX_DEFAULT_THREADS = 8
+# environment variable that pins default_thread_count
+THREADS_ENV = "SENTINEL_TRAIN_THREADS"
 # how long busy_cpus samples the CPUs' utilisation
 BUSY_SAMPLE_SECONDS = 0.3
 
@@ -187,7 +189,17 @@ def default_thread_count(usable: int | None = None, busy: float | None = None) -
     count follows the free cores when a run starts. The engine records it in the run's resume state
     and a resumed run uses the count of the run it continues: results are bit-identical only at
     equal thread counts (the transformer's matmuls reduce in a different order on 2 threads).
+    ``SENTINEL_TRAIN_THREADS`` pins the default to a fixed count (the test suite uses 1, so that two
+    runs it compares never differ by the machine's load).
     """
+    pinned = os.environ.get(THREADS_ENV, "").strip()
+    if pinned and usable is None and busy is None:
+        try:
+            if int(pinned) >= 1:
+                return int(pinned)
+        except ValueError:
+            pass
+        raise ValueError(f"{THREADS_ENV}={pinned!r}: expected a thread count >= 1")
     n = usable_cpu_count() if usable is None else int(usable)
     b = busy_cpus() if busy is None else float(busy)
     free = n - int(math.floor(b + 0.5))
