@@ -6,9 +6,12 @@ list of rows at which a sample ends; it never holds pre-built windows. The windo
 so :class:`WindowBatcher` indexes a ``sliding_window_view`` of the split's ``seq`` (a strided view
 made once, no copy) with the batch's start rows: NumPy copies each window as one ``L x F_seq`` block
 into the ``(B, L, F_seq)`` batch. Memory per batch is O(B·L·F); the split itself is only read (it may
-be a read-only memory map of the Arrow cache). (A per-row ``np.take`` with a ``(B, L)`` index matrix
-copies the same bytes 128 at a time and was ~15-40 % slower; a plain numba copy loop was slower
-than NumPy's block copy too, see ``bench/bench_loader.py``.)
+be a read-only memory map of the Arrow cache). Measured on 1M rows x 32 features, shuffled: the
+previous per-row ``np.take`` with a ``(B, L)`` index matrix (128-byte copies) was ~15 % slower, a
+numba element-copy loop ~30 % slower (no vectorised memcpy), and two threads (numba ``prange``,
+``torch.index_select``) no faster on 2 shared cores: a shuffled batch is bound by memory bandwidth
+(256 random 3.75 KiB windows). ``bench/bench_loader.py`` compares the batcher with a plain strided
+gather and a per-sample ``DataLoader``.
 
 ``keys`` selects the batch keys to build (default: all of :data:`BATCH_KEYS`); a batcher built for a
 variant gathers only what its model, losses and metrics read (``ModelFamily.batch_keys``). Each key is
