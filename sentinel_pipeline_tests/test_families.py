@@ -140,7 +140,7 @@ class ToyRows(ModelFamily):
         type(self).prepared.append(Path(config.family_inputs["scale"]))
         return self._data(Path(config.family_inputs["scale"]))
 
-    def make_batcher(self, split, *, seq_len, batch_size, shuffle, seed, data):
+    def make_batcher(self, split, *, seq_len, batch_size, shuffle, seed, data, keys=None):
         return RowBatcher(split, batch_size, shuffle, seed, data.values["scale"])
 
     def samples_in(self, batch):

@@ -822,10 +822,13 @@ def _setup(config: TrainConfig, out_dir: Path) -> _Run:
     arch = _resolve_arch(config, spec, family, inputs)
     train_split = _limited(inputs.train, config.limit_samples)
     val_split = _limited(inputs.val, config.limit_samples)
+    # each batcher builds only the batch keys the variant's model, losses and metrics read
     train_batcher = family.make_batcher(train_split, seq_len=config.seq_len, batch_size=settings.batch_size,
-                                        shuffle=settings.shuffle, seed=config.seed, data=data)
+                                        shuffle=settings.shuffle, seed=config.seed, data=data,
+                                        keys=family.batch_keys(spec))
     val_batcher = family.make_batcher(val_split, seq_len=config.seq_len, batch_size=settings.eval_batch_size,
-                                      shuffle=False, seed=config.seed, data=data)
+                                      shuffle=False, seed=config.seed, data=data,
+                                      keys=family.batch_keys(spec, evaluation=True))
     for name, b, path in (("train", train_batcher, config.train_h5), ("val", val_batcher, config.val_h5)):
         if b.n_samples == 0:
             raise TrainingError(f"{path}: the {name} split has no samples to train on")

@@ -1,12 +1,22 @@
 """Lazy window batches over a split's flat rows: the batcher of the ``"windows"`` batch kind.
 
 A split (:class:`~sentinel_pipeline.data.split_arrays.SplitArrays`) holds one row per bar and the
-list of rows at which a sample ends; it never holds pre-built windows. :class:`WindowBatcher` turns
-the end rows of one batch into the ``(B, L, F_seq)`` window tensor in a single vectorised gather
-(``np.take`` with a ``(B, L)`` index matrix ``end - L + 1 .. end``), so memory per batch is
-O(B·L·F) and the split itself is only read (it may be a read-only memory map of the Arrow cache).
+list of rows at which a sample ends; it never holds pre-built windows. The window ending at row
+``end`` is the contiguous block of rows ``end - L + 1 .. end`` of the row-major ``(N, F_seq)`` array,
+so :class:`WindowBatcher` indexes a ``sliding_window_view`` of the split's ``seq`` (a strided view
+made once, no copy) with the batch's start rows: NumPy copies each window as one ``L x F_seq`` block
+into the ``(B, L, F_seq)`` batch. Memory per batch is O(B·L·F); the split itself is only read (it may
+be a read-only memory map of the Arrow cache). Measured on 1M rows x 32 features, shuffled: the
+previous per-row ``np.take`` with a ``(B, L)`` index matrix (128-byte copies) was ~15 % slower, a
+numba element-copy loop ~30 % slower (no vectorised memcpy), and two threads (numba ``prange``,
+``torch.index_select``) no faster on 2 shared cores: a shuffled batch is bound by memory bandwidth
+(256 random 3.75 KiB windows). ``bench/bench_loader.py`` compares the batcher with a plain strided
+gather and a per-sample ``DataLoader``.
 
-Batches are ``dict[str, torch.Tensor]`` (:data:`Batch`) with the keys of :data:`BATCH_KEYS`:
+``keys`` selects the batch keys to build (default: all of :data:`BATCH_KEYS`); a batcher built for a
+variant gathers only what its model, losses and metrics read (``ModelFamily.batch_keys``). Each key is
+bit-identical whatever the selection. Batches are ``dict[str, torch.Tensor]`` (:data:`Batch`) with
+the selected keys, in :data:`BATCH_KEYS` order:
 
 =============  ==============  =======  =================================================
 key            shape           dtype    meaning
@@ -32,10 +42,11 @@ the last symbols.)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
 
@@ -64,7 +75,8 @@ def chronological_end_rows(split: SplitArrays, limit: int | None = None) -> np.n
 class WindowBatcher:
     """Batches of ``seq_len``-bar windows over the sample end rows of ``split`` (see module docstring).
 
-    ``limit_samples`` keeps the first K sample end rows in chronological order (before shuffling).
+    ``limit_samples`` keeps the first K sample end rows in chronological order (before shuffling);
+    ``keys`` the batch keys to build (``None``: all of :data:`BATCH_KEYS`).
     ``len(batcher)`` is the number of batches; ``batcher.batch(i)`` builds batch ``i`` of the current
     epoch's order and iteration yields every batch once.
     """
@@ -79,6 +91,7 @@ class WindowBatcher:
         seed: int = 0,
         limit_samples: int | None = None,
         drop_last: bool = False,
+        keys: Sequence[str] | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -86,6 +99,10 @@ class WindowBatcher:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if limit_samples is not None and limit_samples < 0:
             raise ValueError(f"limit_samples must be >= 0, got {limit_samples}")
+        if keys is not None:
+            unknown = sorted(set(keys) - set(BATCH_KEYS))
+            if unknown:
+                raise ValueError(f"unknown batch keys {unknown} (known: {list(BATCH_KEYS)})")
         name = split.attrs.get("path", split.split)
         if seq_len > split.seq_len:
             raise ValueError(
@@ -105,10 +122,45 @@ class WindowBatcher:
         self._check_windows(name)
         cols = [list(split.target_names).index(t) for t in TARGET_NAMES]
         self._target_cols = None if cols == list(range(split.targets.shape[1])) else np.asarray(cols)
-        self._offsets = np.arange(-self.seq_len + 1, 1, dtype=np.int64)
+        self.keys: tuple[str, ...] = BATCH_KEYS if keys is None else tuple(k for k in BATCH_KEYS if k in keys)
+        self._gathers = [(key, self._gather_of(key)) for key in self.keys]
+        n = self.n_samples
+        self._n_batches = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         self.epoch = 0
-        self._order: np.ndarray | None = None
+        self._epoch_ends = self.end_rows  # the end rows in this epoch's sample order
         self.set_epoch(0)
+
+    def _gather_of(self, key: str) -> Callable[[np.ndarray], np.ndarray]:
+        """The function that builds ``key`` of a batch from its end rows (chosen once, not per batch;
+        no dtype cast where the split's dtype is already the batch's)."""
+        s, lag = self.split, self.seq_len - 1
+        if key == "seq":
+            if s.n_rows < self.seq_len:  # no window fits, so no sample either: the batcher is empty
+                return lambda ends: np.empty((0, self.seq_len, s.seq.shape[1]), np.float32)
+            # (N - L + 1, L, F_seq) strided view (no copy): item r is the window of rows r .. r + L - 1;
+            # fancy indexing copies one contiguous L x F_seq block per sample
+            windows = sliding_window_view(s.seq, (self.seq_len, s.seq.shape[1]))[:, 0]
+            if windows.dtype == np.float32:
+                return lambda ends: windows[ends - lag]
+            return lambda ends: windows[ends - lag].astype(np.float32)
+        if key == "targets" and self._target_cols is not None:
+            cols = self._target_cols
+            return lambda ends: np.take(np.take(s.targets, ends, axis=0), cols, axis=1).astype(np.float32, copy=False)
+        if key == "tb_class":
+            def tb_class(ends: np.ndarray) -> np.ndarray:
+                out = np.take(s.tb_label, ends).astype(np.int64)
+                out += 1
+                return out
+
+            return tb_class
+        if key == "end_rows":
+            return lambda ends: ends.copy()  # ends is a view of the epoch's order: the batch gets its own
+        source = {"snap": s.snap, "ctx_cat": s.ctx_cat, "ctx_cont": s.ctx_cont, "targets": s.targets,
+                  "timestamp": s.timestamp, "symbol_idx": s.symbol_idx}[key]
+        dtype = np.int64 if key in ("ctx_cat", "timestamp", "symbol_idx") else np.float32
+        if source.dtype == dtype:
+            return lambda ends: np.take(source, ends, axis=0)
+        return lambda ends: np.take(source, ends, axis=0).astype(dtype)
 
     def _check_windows(self, name: str) -> None:
         ends = self.end_rows
@@ -130,47 +182,26 @@ class WindowBatcher:
         return int(self.end_rows.shape[0])
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.n_samples // self.batch_size
-        return math.ceil(self.n_samples / self.batch_size)
+        return self._n_batches
 
     def set_epoch(self, epoch: int) -> None:
         """Use the sample order of ``epoch``: a permutation seeded by (seed, epoch) when shuffling."""
         self.epoch = int(epoch)
         if self.shuffle:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_samples)
+            self._epoch_ends = self.end_rows[np.random.default_rng([self.seed, self.epoch]).permutation(self.n_samples)]
         else:
-            self._order = None
+            self._epoch_ends = self.end_rows
 
     def batch_end_rows(self, i: int) -> np.ndarray:
-        """The sample end rows of batch ``i`` (in batch order)."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"batch {i} out of range (0..{len(self) - 1})")
-        sel = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return self.end_rows[sel] if self._order is None else self.end_rows[self._order[sel]]
+        """The sample end rows of batch ``i`` (in batch order; a view, not to be written to)."""
+        if not 0 <= i < self._n_batches:
+            raise IndexError(f"batch {i} out of range (0..{self._n_batches - 1})")
+        return self._epoch_ends[i * self.batch_size : (i + 1) * self.batch_size]
 
     def batch(self, i: int) -> Batch:
-        """Build batch ``i``: one vectorised gather per array, O(B·L·F) memory."""
+        """Build batch ``i``: one vectorised gather per selected key, O(B·L·F) memory."""
         ends = self.batch_end_rows(i)
-        s = self.split
-        b = ends.shape[0]
-        window_rows = (ends[:, None] + self._offsets).reshape(-1)
-        seq = np.take(s.seq, window_rows, axis=0).reshape(b, self.seq_len, s.seq.shape[1])
-        targets = np.take(s.targets, ends, axis=0)
-        if self._target_cols is not None:
-            targets = targets[:, self._target_cols]
-        arrays = {
-            "seq": seq.astype(np.float32, copy=False),
-            "snap": np.take(s.snap, ends, axis=0).astype(np.float32, copy=False),
-            "ctx_cat": np.take(s.ctx_cat, ends, axis=0).astype(np.int64),
-            "ctx_cont": np.take(s.ctx_cont, ends, axis=0).astype(np.float32, copy=False),
-            "targets": targets.astype(np.float32, copy=False),
-            "tb_class": np.take(s.tb_label, ends).astype(np.int64) + 1,
-            "end_rows": ends.copy(),
-            "timestamp": np.take(s.timestamp, ends).astype(np.int64, copy=False),
-            "symbol_idx": np.take(s.symbol_idx, ends).astype(np.int64),
-        }
-        return {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in BATCH_KEYS}
+        return {key: torch.from_numpy(gather(ends)) for key, gather in self._gathers}
 
     def __iter__(self) -> Iterator[Batch]:
         for i in range(len(self)):

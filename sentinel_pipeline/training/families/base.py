@@ -24,9 +24,11 @@ NaN stop, early stopping, step statistics, resume checkpoints, metrics.json, bun
 
 Batches are ``dict[str, torch.Tensor]``; a batcher (:class:`Batcher`) has ``len()`` (batches per
 epoch), ``batch(i)``, ``set_epoch(e)`` (the order of a shuffled epoch depends only on (seed, epoch),
-which is what makes kill-and-resume bit-identical) and ``n_samples``. Every batch has an ``end_rows``
-key (``(n,)`` int64: the split row of each sample; scoring and backtests read it) and the
-:attr:`ModelFamily.eval_keys`, all with the samples along the first dimension.
+which is what makes kill-and-resume bit-identical) and ``n_samples``. A batcher made without a key
+selection (scoring, verification) gives every key it knows, among them ``end_rows`` (``(n,)`` int64:
+the split row of each sample; scoring and backtests read it) and the :attr:`ModelFamily.eval_keys`, all
+with the samples along the first dimension. The engine asks for only the keys a variant reads
+(:meth:`ModelFamily.batch_keys`: train batches, and validation batches with the ``eval_keys``).
 
 An architecture config must hold ``variant``, ``seq_len``, ``heads`` (``[HeadSpec.to_dict()]``),
 ``input_dim`` and ``hidden_dim`` (``model_best.pt`` records the last two).
@@ -204,12 +206,20 @@ class ModelFamily:
         return FamilyData(paths={k: Path(v) for k, v in given.items()})
 
     def make_batcher(
-        self, split: SplitArrays, *, seq_len: int, batch_size: int, shuffle: bool, seed: int, data: FamilyData
+        self, split: SplitArrays, *, seq_len: int, batch_size: int, shuffle: bool, seed: int, data: FamilyData,
+        keys: tuple[str, ...] | None = None,
     ) -> Batcher:
         """The batcher of ``split`` (train: ``shuffle`` as configured; val/test: ``shuffle=False``,
         chronological). ``batch_size`` is the family's unit (samples for windows; a day batcher may read
-        it as it documents)."""
+        it as it documents). ``keys``: the batch keys to build (:meth:`batch_keys`; ``None``: all)."""
         raise NotImplementedError
+
+    def batch_keys(self, spec: VariantSpec, *, evaluation: bool = False) -> tuple[str, ...] | None:
+        """The batch keys the engine reads for ``spec``: what the model, :meth:`losses`,
+        :meth:`samples_in` and the :meth:`batch_telemetry` read of a train batch, with ``evaluation`` the
+        :attr:`eval_keys` too (the validation pass). Handed to :meth:`make_batcher` as ``keys``.
+        Default ``None``: every key the batcher builds."""
+        return None
 
     def samples_in(self, batch: Batch) -> int:
         """Number of samples in a batch (the weight of its loss in epoch means, throughput)."""

@@ -168,13 +168,15 @@ class GraphAttentionFamily(ModelFamily):
         return data
 
     def make_batcher(
-        self, split: SplitArrays, *, seq_len: int, batch_size: int, shuffle: bool, seed: int, data: FamilyData
+        self, split: SplitArrays, *, seq_len: int, batch_size: int, shuffle: bool, seed: int, data: FamilyData,
+        keys: tuple[str, ...] | None = None,
     ) -> Any:
-        """``DayBatcher`` with ``batch_size`` whole days per batch and the day's edges from the graph."""
+        """``DayBatcher`` with ``batch_size`` whole days per batch and the day's edges from the graph
+        (feature keys: ``keys``, default the family's ``BATCH_KEYS``)."""
         from sentinel_pipeline.training.batchers.day_batches import DayBatcher  # lazy import
 
         return DayBatcher(split, seq_len=seq_len, days_per_batch=max(1, int(batch_size)), shuffle=shuffle,
-                          seed=seed, graph=data.values.get(GRAPH_INPUT), keys=BATCH_KEYS)
+                          seed=seed, graph=data.values.get(GRAPH_INPUT), keys=BATCH_KEYS if keys is None else keys)
 
     def samples_in(self, batch: Batch) -> int:
         return int(batch["end_rows"].shape[0])

@@ -28,6 +28,11 @@ Variants:
 ``model(batch)`` returns ``{head name: tensor}``: regression heads ``(B,)``, classification heads
 ``(B, 3)`` logits. The signal is P(up) - P(down) for classifiers, else the first head's output.
 All layers have deterministic CPU kernels (Linear, GRU, Embedding, TransformerEncoder).
+
+Batch keys the engine asks the batcher for (:meth:`WindowModels.batch_keys`): ``mlp_two_head`` reads
+``snap``, ``targets``, ``tb_class``; ``seq_ctx_fusion`` ``seq``, ``snap``, ``ctx_cat``, ``ctx_cont``,
+``targets``, ``tb_class``; ``transformer_tbm`` ``seq``, ``tb_class``; validation batches add the
+``eval_keys`` (``targets``, ``tb_class``, ``timestamp``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from torch import nn
 # module that imports them first would find the other half-initialised
 from sentinel_pipeline.training import evaluation as _evaluation
 from sentinel_pipeline.training import losses as _losses
-from sentinel_pipeline.training.batchers.windows import WindowBatcher
+from sentinel_pipeline.training.batchers.windows import BATCH_KEYS, WindowBatcher
 from sentinel_pipeline.training.families.base import (
     INPUT_GROUPS,
     N_CLASSES,
@@ -328,9 +333,21 @@ class WindowModels(ModelFamily):
         return spec.build(arch)
 
     def make_batcher(
-        self, split: SplitArrays, *, seq_len: int, batch_size: int, shuffle: bool, seed: int, data: FamilyData
+        self, split: SplitArrays, *, seq_len: int, batch_size: int, shuffle: bool, seed: int, data: FamilyData,
+        keys: tuple[str, ...] | None = None,
     ) -> WindowBatcher:
-        return WindowBatcher(split, seq_len=seq_len, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return WindowBatcher(split, seq_len=seq_len, batch_size=batch_size, shuffle=shuffle, seed=seed, keys=keys)
+
+    def batch_keys(self, spec: VariantSpec, *, evaluation: bool = False) -> tuple[str, ...]:
+        """The model's input groups (``spec.inputs``), ``targets`` for regression heads (``losses``),
+        ``tb_class`` (classification heads, :meth:`samples_in` and the class-balance telemetry), and with
+        ``evaluation`` the :attr:`eval_keys` (``targets``, ``tb_class``, ``timestamp``)."""
+        keys = {*spec.inputs, "tb_class"}
+        if any(h.kind == "regression" for h in spec.heads):
+            keys.add("targets")
+        if evaluation:
+            keys.update(self.eval_keys)
+        return tuple(k for k in BATCH_KEYS if k in keys)
 
     def samples_in(self, batch: Batch) -> int:
         return int(batch["tb_class"].shape[0])
