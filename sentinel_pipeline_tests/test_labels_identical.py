@@ -157,25 +157,23 @@ def test_identical_to_previous_labeller_and_pinned(name: str) -> None:
 @pytest.mark.parametrize("block", [1, 7, 64])
 @pytest.mark.parametrize("name", ["default_quirks", "daily", "long_excursion", "nan_prices"])
 def test_identical_for_any_row_block(name: str, block: int, monkeypatch) -> None:
-    """The kernel works in blocks of rows (in parallel); windows that cross block ends change nothing."""
+    """The kernel works in blocks of rows (on several threads); windows that cross block ends change nothing."""
     monkeypatch.setattr(labels, "_BLOCK_ROWS", block)
     config, spec = CASES[name]
     df, quirks = market(**spec)
     assert_labelled_identical(df, quirks, config)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_identical_for_any_thread_count(threads: int) -> None:
-    import numba
-
-    before = numba.get_num_threads()
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_identical_for_any_thread_count(threads: int, monkeypatch) -> None:
+    monkeypatch.setattr(labels, "_BLOCK_ROWS", 50)
     config, spec = CASES["default_quirks"]
     df, quirks = market(**spec)
-    try:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        assert_labelled_identical(df, quirks, config)
-    finally:
-        numba.set_num_threads(before)
+    want = frozen_labeller.label_arrays(*flat(df), config, quirks)
+    assert_arrays_identical(labels.label_arrays(*flat(df), config, quirks, threads=threads), want)
+    want_df, want_stats = frozen_labeller.label_dataset(df, config, quirks)
+    got_df, got_stats = labels.label_dataset(df, config, quirks, threads=threads)
+    assert frame_digest(got_df, got_stats, config) == frame_digest(want_df, want_stats, config)
 
 
 def test_triple_barrier_identical() -> None:
@@ -223,3 +221,17 @@ def test_identical_on_random_markets(lengths, horizon, fwd, excursion, protect, 
 def test_quirk_bits_are_the_ones_the_kernel_knows() -> None:
     # the kernel hard-codes the transition kinds' bits; this pins them
     assert QUIRK_BITS == {"jump": 1, "spike": 2, "zero_volume_run": 4, "flat_run": 8, "hole": 16}
+
+
+@pytest.mark.parametrize("outputs", [["label_eligible"], ["tb_label", "tb_touch_row"], ["fwd_ret_5", "fwd_ret_1"],
+                                     ["mfe_6"], ["label_quirks"], ["early_move", "tb_return_atr", "label_eligible"]])
+def test_requested_outputs_only(outputs: list[str]) -> None:
+    """``outputs=``: exactly the requested arrays (in ``array_names`` order), equal to those of the full call."""
+    config, spec = CASES["default_quirks"]
+    df, quirks = market(**spec)
+    full = labels.label_arrays(*flat(df), config, quirks)
+    part = labels.label_arrays(*flat(df), config, quirks, outputs=outputs)
+    assert list(part) == [k for k in labels.array_names(config) if k in outputs]
+    assert_arrays_identical(part, {k: full[k] for k in part})
+    with pytest.raises(ValueError, match="unknown outputs"):
+        labels.label_arrays(*flat(df), config, quirks, outputs=["tb_touch_time"])

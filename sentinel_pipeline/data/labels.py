@@ -38,7 +38,10 @@ the stats count them per target with the largest value before clipping. ``tb_ret
 are simple returns and are not clipped. ``triple_barrier`` (the barrier outcome alone) knows neither
 quirks nor clipping.
 
-The kernel runs over flat arrays with per-row symbol codes and never reads across a symbol boundary.
+The kernel runs over flat arrays with per-row symbol codes and never reads across a symbol boundary. One
+pass writes every output element once (outputs allocated with ``np.empty``) and counts the stats as it goes;
+it runs over blocks of rows, on several threads for large inputs (``NUMBA_NUM_THREADS``); each row's outputs
+depend only on its own window, so the result is the same for any block size and thread count.
 ``sentinel_pipeline_tests/reference_labeller.py`` is a slow per-event implementation of the same
 semantics that the tests compare against.
 """
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -175,9 +179,15 @@ def label_columns(config: LabelConfig) -> list[str]:
     ]
 
 
-# rows per parallel work item of the kernel: large enough that a block's set-up (a look at the next
-# ``window`` rows) is negligible, small enough that the blocks spread evenly over the threads
-_BLOCK_ROWS = 1 << 14
+# Rows per work item. The kernel runs over blocks of rows, each in one call that releases the GIL (nogil),
+# spread over a few Python threads when there are several blocks. Written by hand instead of numba's
+# ``prange`` because, measured on 2 shared cores: with numba's default threading layer (GNU OpenMP) each
+# parallel call left its worker threads spin-waiting ~15 ms after the loop (3x the CPU time of a 200k-row
+# call, and a core taken from whatever runs next), OpenMP's pool is not fork-safe (a forked worker that
+# labels again is terminated), and the ``workqueue`` layer is not thread-safe and process-wide. Plain
+# threads that end with the call have none of these costs. A block is large enough that its set-up (a look
+# at the next ``window`` rows) and its dispatch are negligible; inputs of one block run in the caller's thread.
+_BLOCK_ROWS = 1 << 18
 
 # which outputs need the barrier scan / the excursions (``label_quirks`` carries the clipping bit, which
 # depends on both)
@@ -194,7 +204,7 @@ _NO_QUIRK = np.iinfo(np.int64).max
 
 
 @numba.njit(cache=True, nogil=True)
-def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bits, protect, pt, sl, horizon,
+def _label_kernel(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bits, protect, pt, sl, horizon,
                  window, fwd_horizons, excursion_bars, clip, do_barrier, do_exc,
                  label, both, touch_row, bars, ret, ret_atr, fwd, mfe, mae, early, eligible, label_quirks,
                  counts, maxabs):
@@ -211,6 +221,10 @@ def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bit
     end = e
     while end < lim and codes[end] == codes[e - 1]:
         end += 1
+    # the counters live in locals during the loop (stores to the outputs could alias an array of counters)
+    n_elig = n_down = n_vertical = n_up = n_both = sum_bars = n_blocked = n_rows_clipped = 0
+    n_clip_mfe = n_clip_mae = n_clip_early = n_clip_ret = 0
+    max_mfe = max_mae = max_early = max_ret = -1.0
     # nearest row >= the current one holding each quirk kind (for transition kinds: > the current row)
     nxt = np.full(n_kinds, _NO_QUIRK, np.int64)
     nearest = _NO_QUIRK
@@ -255,7 +269,7 @@ def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bit
                     if not usable and protect & kind_bits[k]:
                         counts[_C_BLOCKED_BY + k] += 1
             if not usable:
-                counts[_C_BLOCKED] += 1
+                n_blocked += 1
         if eligible.shape[0]:
             eligible[i] = complete and usable
         if not (complete and usable):
@@ -284,7 +298,7 @@ def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bit
             continue
 
         c = close[i]
-        counts[_C_ELIGIBLE] += 1
+        n_elig += 1
         clipped = False
         if do_barrier:
             upper = c + pt * a
@@ -315,15 +329,20 @@ def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bit
             else:
                 r = close[tj] / c - 1.0
                 ra = (close[tj] - c) / a
-            counts[_C_DOWN + hit + 1] += 1
-            counts[_C_BARS] += tk
+            if hit == 1:
+                n_up += 1
+            elif hit == -1:
+                n_down += 1
+            else:
+                n_vertical += 1
+            sum_bars += tk
             if touched:
-                counts[_C_BOTH] += 1
+                n_both += 1
             x = abs(ra)
-            if x > maxabs[3]:
-                maxabs[3] = x
+            if x > max_ret:
+                max_ret = x
             if x > clip:
-                counts[_C_CLIPPED + 3] += 1
+                n_clip_ret += 1
                 clipped = True
                 ra = clip if ra > clip else -clip
             if label.shape[0]:
@@ -352,24 +371,24 @@ def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bit
             down_move = max(c - lo, 0.0) / a
             move = up_move - down_move  # before clipping, for the stats
             x = abs(up_move)
-            if x > maxabs[0]:
-                maxabs[0] = x
+            if x > max_mfe:
+                max_mfe = x
             if x > clip:
-                counts[_C_CLIPPED + 0] += 1
+                n_clip_mfe += 1
                 clipped = True
                 up_move = clip
             x = abs(down_move)
-            if x > maxabs[1]:
-                maxabs[1] = x
+            if x > max_mae:
+                max_mae = x
             if x > clip:
-                counts[_C_CLIPPED + 1] += 1
+                n_clip_mae += 1
                 clipped = True
                 down_move = clip
             x = abs(move)
-            if x > maxabs[2]:
-                maxabs[2] = x
+            if x > max_early:
+                max_early = x
             if x > clip:
-                counts[_C_CLIPPED + 2] += 1
+                n_clip_early += 1
             if mfe.shape[0]:
                 mfe[i] = up_move
             if mae.shape[0]:
@@ -377,30 +396,27 @@ def _label_block(s, e, high, low, close, atr, codes, quirks, kind_bits, step_bit
             if early.shape[0]:
                 early[i] = up_move - down_move
         if clipped:
-            counts[_C_ROWS_CLIPPED] += 1
+            n_rows_clipped += 1
             met |= LABEL_CLIPPED
         if label_quirks.shape[0]:
             label_quirks[i] = met
 
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _label_kernel(high, low, close, atr, codes, quirks, kind_bits, step_bits, protect, pt, sl, horizon, window,
-                  fwd_horizons, excursion_bars, clip, do_barrier, do_exc, block,
-                  label, both, touch_row, bars, ret, ret_atr, fwd, mfe, mae, early, eligible, label_quirks):
-    """All rows, in blocks of ``block`` rows spread over numba's threads (``prange``). Blocks are
-    independent: a row's outputs depend only on its own window, so the result does not depend on the
-    block size or the thread count. Returns the per-block counters and largest ``|value|``s."""
-    n = high.shape[0]
-    n_blocks = (n + block - 1) // block
-    counts = np.zeros((n_blocks, _N_COUNTS), np.int64)
-    maxabs = np.full((n_blocks, 4), -1.0)
-    for b in numba.prange(n_blocks):
-        s = b * block
-        _label_block(s, min(s + block, n), high, low, close, atr, codes, quirks, kind_bits, step_bits, protect,
-                     pt, sl, horizon, window, fwd_horizons, excursion_bars, clip, do_barrier, do_exc,
-                     label, both, touch_row, bars, ret, ret_atr, fwd, mfe, mae, early, eligible, label_quirks,
-                     counts[b], maxabs[b])
-    return counts, maxabs
+    counts[_C_ELIGIBLE] += n_elig
+    counts[_C_DOWN] += n_down
+    counts[_C_VERTICAL] += n_vertical
+    counts[_C_UP] += n_up
+    counts[_C_BOTH] += n_both
+    counts[_C_BARS] += sum_bars
+    counts[_C_BLOCKED] += n_blocked
+    counts[_C_CLIPPED] += n_clip_mfe
+    counts[_C_CLIPPED + 1] += n_clip_mae
+    counts[_C_CLIPPED + 2] += n_clip_early
+    counts[_C_CLIPPED + 3] += n_clip_ret
+    counts[_C_ROWS_CLIPPED] += n_rows_clipped
+    maxabs[0] = max(maxabs[0], max_mfe)
+    maxabs[1] = max(maxabs[1], max_mae)
+    maxabs[2] = max(maxabs[2], max_early)
+    maxabs[3] = max(maxabs[3], max_ret)
 
 
 def _as_float_arrays(*arrays: Any) -> list[np.ndarray]:
@@ -439,9 +455,11 @@ def _run_kernel(
     protect: int,
     clip: float | None,
     wanted: set[str],
+    threads: int | None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Allocate the ``wanted`` outputs once (``np.empty``: the kernel writes every element), run the kernel;
-    returns the outputs (unclipped names, ``fwd`` as one 2-d array), the summed counters and the largest
+    """Allocate the ``wanted`` outputs once (``np.empty``: the kernel writes every element), run the kernel
+    over blocks of ``_BLOCK_ROWS`` rows on ``threads`` threads (None: ``NUMBA_NUM_THREADS``, by default the
+    CPUs of the process's affinity mask; the result does not depend on it); returns the outputs (unclipped names, ``fwd`` as one 2-d array), the summed counters and the largest
     ``|value|`` per ATR-unit target (NaN: none)."""
     n = high.shape[0]
 
@@ -468,12 +486,24 @@ def _run_kernel(
     clip_bit = "label_quirks" in wanted and clip is not None
     do_barrier = clip_bit or any(k in wanted for k in _BARRIER_OUTPUTS)
     do_exc = clip_bit or any(k in wanted for k in ("mfe", "mae", "early_move"))
-    counts, maxabs = _label_kernel(
-        high, low, close, atr, codes, quirks, _KIND_BITS, _STEP_BITS, int(protect), float(pt), float(sl),
-        int(horizon), int(window), fwd_h, int(excursion_bars), clip_bound, do_barrier, do_exc,
-        int(_BLOCK_ROWS), *out.values(),
-    )
-    best = maxabs.max(axis=0) if maxabs.shape[0] else np.full(4, -1.0)
+    args = (high, low, close, atr, codes, quirks, _KIND_BITS, _STEP_BITS, int(protect), float(pt), float(sl),
+            int(horizon), int(window), fwd_h, int(excursion_bars), clip_bound, do_barrier, do_exc, *out.values())
+    block = max(1, int(_BLOCK_ROWS))
+    starts = range(0, n, block)
+    counts = np.zeros((len(starts), _N_COUNTS), np.int64)
+    maxabs = np.full((len(starts), 4), -1.0)
+
+    def run(b: int) -> None:  # rows of block b; blocks write disjoint rows and their own counter rows
+        _label_kernel(starts[b], min(starts[b] + block, n), *args, counts[b], maxabs[b])
+
+    n_threads = min(len(starts), numba.config.NUMBA_NUM_THREADS if threads is None else int(threads))
+    if n_threads > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(run, range(len(starts))))  # list(): re-raises an error of any block
+    else:
+        for b in range(len(starts)):
+            run(b)
+    best = maxabs.max(axis=0) if len(starts) else np.full(4, -1.0)
     return out, counts.sum(axis=0), np.where(best < 0.0, np.nan, best)
 
 
@@ -501,6 +531,7 @@ def triple_barrier(
     out, _, _ = _run_kernel(
         high, low, close, atr, codes, np.empty(0, np.uint8), pt=pt, sl=sl, horizon=horizon, window=horizon,
         fwd_horizons=(), excursion_bars=0, protect=0, clip=None, wanted={*_BARRIER_OUTPUTS, "label_eligible"},
+        threads=None,
     )
     return {**{k: out[k] for k in _BARRIER_OUTPUTS}, "eligible": out["label_eligible"]}
 
@@ -569,6 +600,7 @@ def _label_arrays_and_info(
     config: LabelConfig,
     quirks: np.ndarray | None,
     outputs: Iterable[str] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``label_arrays`` plus what the stats need: rows made ineligible per quirk kind, clip counts and the
     label counts of ``_label_stats`` (the stats describe the requested outputs only)."""
@@ -589,7 +621,7 @@ def _label_arrays_and_info(
     arrays, counts, maxabs = _run_kernel(
         high, low, close, atr, codes, bar_quirks, pt=config.pt, sl=config.sl, horizon=config.horizon,
         window=label_window_bars(config), fwd_horizons=config.fwd_horizons, excursion_bars=e, protect=protect,
-        clip=config.target_clip_atr, wanted={kernel_names.get(k, k) for k in wanted},
+        clip=config.target_clip_atr, wanted={kernel_names.get(k, k) for k in wanted}, threads=threads,
     )
     info: dict[str, Any] = {
         "n_ineligible_by_quirk": {k: int(counts[_C_BLOCKED_BY + QUIRK_KINDS.index(k)]) for k in config.protect_from},
@@ -627,6 +659,7 @@ def label_arrays(
     config: LabelConfig,
     quirks: np.ndarray | None = None,
     outputs: Iterable[str] | None = None,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Every label column over flat arrays, in ``label_columns`` order, except that the touch is given as
     ``tb_touch_row`` (row index, -1 when unlabelled) instead of a timestamp. Eligibility uses the full
@@ -635,8 +668,9 @@ def label_arrays(
 
     ``outputs``: names of ``array_names(config)`` to compute (None: all); the others are neither allocated
     nor computed (the barrier scan runs only for barrier outputs or the clipping bit of ``label_quirks``, the
-    excursions only for ``mfe``/``mae``/``early_move`` or that bit). The values are those of the full call."""
-    return _label_arrays_and_info(high, low, close, atr, symbol_codes, config, quirks, outputs)[0]
+    excursions only for ``mfe``/``mae``/``early_move`` or that bit). The values are those of the full call.
+    ``threads``: how many threads label blocks of rows (None: ``NUMBA_NUM_THREADS``); same result."""
+    return _label_arrays_and_info(high, low, close, atr, symbol_codes, config, quirks, outputs, threads)[0]
 
 
 def timestamps_ns(ts: pd.Series) -> np.ndarray:
@@ -681,12 +715,15 @@ def symbol_codes_checked(df: pd.DataFrame, where: str) -> np.ndarray:
 
 
 def label_dataset(
-    features_df: pd.DataFrame, config: LabelConfig = LabelConfig(), quirks: np.ndarray | None = None
+    features_df: pd.DataFrame,
+    config: LabelConfig = LabelConfig(),
+    quirks: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Append the label columns to a bars-ordered frame (``symbol, timestamp, high, low, close, atr`` and
     any other columns, passed through). ``quirks``: per row a uint8 of ``bar_quality.QUIRK_BITS`` (the
     ``quirks`` column of the raw stage's flags table, same row order; None: nothing flagged).
-    Returns the frame (same row order, ``RangeIndex``) and stats."""
+    ``threads``: as in ``label_arrays``. Returns the frame (same row order, ``RangeIndex``) and stats."""
     missing = [c for c in REQUIRED_COLUMNS if c not in features_df.columns]
     if missing:
         raise ValueError(f"label_dataset: input frame lacks required columns {missing}")
@@ -698,7 +735,7 @@ def label_dataset(
     high, low, close, atr = (
         df[c].to_numpy(np.float64, na_value=np.nan) for c in ("high", "low", "close", "atr")
     )
-    arrays, info = _label_arrays_and_info(high, low, close, atr, codes, config, quirks)
+    arrays, info = _label_arrays_and_info(high, low, close, atr, codes, config, quirks, threads=threads)
     touch_row = arrays.pop("tb_touch_row")
     touch_time = df["timestamp"].array.take(touch_row, allow_fill=True)
     columns: dict[str, Any] = {}
