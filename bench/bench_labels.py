@@ -9,10 +9,10 @@ early move, eligibility, quirk bits with the clipping bit). It knows nothing of 
 threads or stats counters. All are compiled (and run once) before timing; then ours (``NUMBA_NUM_THREADS``
 threads, its default),
 ours on one thread, the reference and the previous labeller (``sentinel_pipeline_tests/frozen_labeller.py``,
-the kernel before its single-pass rewrite; ``--no-previous`` skips it) run in turn for ``--rounds`` rounds,
-and the median of each is printed:
-bars per CPU-second (``time.process_time`` around each call: every thread of the process, system time
-included) and per wall-second. The outputs of each are asserted identical (bytes) to the reference's.
+the kernel before its single-pass rewrite; ``--no-previous`` skips it) run in turn for ``--rounds`` rounds
+(each round starting with the next one), and the median of each is printed: bars per CPU-second (user +
+system time of every thread of the process, ``getrusage`` around each call; the system part, mostly page
+faults on the fresh output arrays, is shown) and per wall-second. The outputs of each are asserted identical (bytes) to the reference's.
 
 Two markets of synthetic random-walk OHLC with a 14-bar mean true range as ATR (default 100 symbols x 100k bars
 = 10M bars; ``--quick``: 20 x 10k): without bar quirks, and with 2 % of bars flagged (each row's window OR-ed
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -128,9 +129,11 @@ def random_walk_arrays(n_symbols: int, bars_per_symbol: int, seed: int = 0, atr_
 
 
 def timed(fn):
-    c0, w0 = time.process_time(), time.perf_counter()
+    """(result, user CPU s, system CPU s, wall s): CPU of every thread of the process (``getrusage``)."""
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     out = fn()
-    return out, time.process_time() - c0, time.perf_counter() - w0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return out, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, time.perf_counter() - w0
 
 
 def run_market(name: str, inputs: tuple, quirks, config: LabelConfig, rounds: int, threads: int,
@@ -144,12 +147,15 @@ def run_market(name: str, inputs: tuple, quirks, config: LabelConfig, rounds: in
     if previous:  # the labeller before its single-pass rewrite (tests' frozen copy), for the before/after
         candidates["previous labeller"] = lambda: frozen_labeller.label_arrays(*inputs, config, quirks)
     cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    sys_cpu: dict[str, list[float]] = {k: [] for k in candidates}
     wall: dict[str, list[float]] = {k: [] for k in candidates}
-    for _ in range(rounds):
+    keys = list(candidates)
+    for r in range(rounds):
         outs = {}
-        for key, fn in candidates.items():
-            outs[key], c, w = timed(fn)
-            cpu[key].append(c)
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts with the next candidate
+            outs[key], user, system, w = timed(candidates[key])
+            cpu[key].append(user + system)
+            sys_cpu[key].append(system)
             wall[key].append(w)
         want = outs["reference (plain scan)"]
         for key, got in outs.items():
@@ -161,9 +167,9 @@ def run_market(name: str, inputs: tuple, quirks, config: LabelConfig, rounds: in
     ref_wall = statistics.median(wall["reference (plain scan)"])
     print(f"{name}: {n:,} bars; median of {rounds} interleaved rounds; outputs identical to the reference: True")
     for key in candidates:
-        c, w = statistics.median(cpu[key]), statistics.median(wall[key])
-        print(f"  {key:<24} {n / c / 1e6:7.2f} M bars/CPU-s ({c:6.3f} CPU-s, {ref_cpu / c:4.2f}x ref)"
-              f"   {n / w / 1e6:7.2f} M bars/wall-s ({w:6.3f} s, {ref_wall / w:4.2f}x ref)")
+        c, w, sy = statistics.median(cpu[key]), statistics.median(wall[key]), statistics.median(sys_cpu[key])
+        print(f"  {key:<24} {n / c / 1e6:7.2f} M bars/CPU-s ({c:6.3f} CPU-s of which sys {sy:5.3f}, "
+              f"{ref_cpu / c:4.2f}x ref)   {n / w / 1e6:7.2f} M bars/wall-s ({w:6.3f} s, {ref_wall / w:4.2f}x ref)")
 
 
 def main() -> None:
