@@ -6,9 +6,8 @@ The reference (``plain_scan`` below) is the plainest numba loop that produces th
 flat arrays: one serial backward pass, outputs allocated once with numpy's ``np.empty``, every element written once
 (label, both-touched, touch row, bars to touch, barrier return and its ATR-unit form, forward returns, MFE/MAE,
 early move, eligibility, quirk bits with the clipping bit). It knows nothing of the labeller's blocks,
-threads or stats counters. All are compiled (and run once) before timing; then ours (``NUMBA_NUM_THREADS``
-threads, its default),
-ours on one thread, the reference and the previous labeller (``sentinel_pipeline_tests/frozen_labeller.py``,
+threads or stats counters. All are compiled (and run once) before timing; then ours (its default thread
+count, ``default_label_threads``), ours on 1 and on ``NUMBA_NUM_THREADS`` threads where those differ, the reference and the previous labeller (``sentinel_pipeline_tests/frozen_labeller.py``,
 the kernel before its single-pass rewrite; ``--no-previous`` skips it) run in turn for ``--rounds`` rounds
 (each round starting with the next one), and the median of each is printed: bars per CPU-second (user +
 system time of every thread of the process, ``getrusage`` around each call; the system part, mostly page
@@ -38,7 +37,13 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout: make the 
     sys.path.insert(0, str(REPO_ROOT))
 
 from sentinel_pipeline.data.bar_quality import QUIRK_BITS  # noqa: E402
-from sentinel_pipeline.data.labels import LABEL_CLIPPED, LabelConfig, label_arrays, label_window_bars  # noqa: E402
+from sentinel_pipeline.data.labels import (  # noqa: E402
+    LABEL_CLIPPED,
+    LabelConfig,
+    default_label_threads,
+    label_arrays,
+    label_window_bars,
+)
 from sentinel_pipeline_tests import frozen_labeller  # noqa: E402
 
 BAR_BITS = QUIRK_BITS["spike"] | QUIRK_BITS["zero_volume_run"] | QUIRK_BITS["flat_run"]  # the entry bar counts
@@ -140,10 +145,11 @@ def run_market(name: str, inputs: tuple, quirks, config: LabelConfig, rounds: in
                previous: bool) -> None:
     n = inputs[0].shape[0]
     candidates = {
-        f"ours ({threads} threads)": lambda: label_arrays(*inputs, config, quirks, threads=threads),
-        "ours (1 thread)": lambda: label_arrays(*inputs, config, quirks, threads=1),
+        f"ours (default, {threads} thr)": lambda: label_arrays(*inputs, config, quirks),
         "reference (plain scan)": lambda: reference(inputs, quirks, config),
     }
+    for extra in sorted({1, numba.config.NUMBA_NUM_THREADS} - {threads}):
+        candidates[f"ours ({extra} thr)"] = lambda extra=extra: label_arrays(*inputs, config, quirks, threads=extra)
     if previous:  # the labeller before its single-pass rewrite (tests' frozen copy), for the before/after
         candidates["previous labeller"] = lambda: frozen_labeller.label_arrays(*inputs, config, quirks)
     cpu: dict[str, list[float]] = {k: [] for k in candidates}
@@ -182,9 +188,10 @@ def main() -> None:
     args = parser.parse_args()
     n_symbols, per_symbol = (20, 10_000) if args.quick else (args.symbols, args.bars_per_symbol)
     config = LabelConfig()  # horizon 20, pt = sl = 1.5, forward returns 1/5/10/20, MFE/MAE over 6 bars
-    threads = numba.config.NUMBA_NUM_THREADS  # what label_arrays uses by default
+    threads = default_label_threads()  # what label_arrays uses by default
     print(f"bench_labels: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs, "
-          f"numba {numba.__version__} with {threads} threads")
+          f"numba {numba.__version__}, NUMBA_NUM_THREADS {numba.config.NUMBA_NUM_THREADS}, labeller default "
+          f"{threads} thread(s)")
 
     inputs = random_walk_arrays(n_symbols, per_symbol, seed=1)
     quirks = np.zeros(inputs[0].shape[0], dtype=np.uint8)

@@ -235,3 +235,11 @@ def test_requested_outputs_only(outputs: list[str]) -> None:
     assert_arrays_identical(part, {k: full[k] for k in part})
     with pytest.raises(ValueError, match="unknown outputs"):
         labels.label_arrays(*flat(df), config, quirks, outputs=["tb_touch_time"])
+
+
+def test_default_thread_count_is_half_of_numbas(monkeypatch) -> None:
+    import numba
+
+    for numba_threads, expected in [(1, 1), (2, 1), (3, 1), (4, 2), (16, 8)]:
+        monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", numba_threads)
+        assert labels.default_label_threads() == expected

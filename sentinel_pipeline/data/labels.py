@@ -40,7 +40,7 @@ quirks nor clipping.
 
 The kernel runs over flat arrays with per-row symbol codes and never reads across a symbol boundary. One
 pass writes every output element once (outputs allocated with ``np.empty``) and counts the stats as it goes;
-it runs over blocks of rows, on several threads for large inputs (``NUMBA_NUM_THREADS``); each row's outputs
+it runs over blocks of rows, on several threads for large inputs (``default_label_threads``); each row's outputs
 depend only on its own window, so the result is the same for any block size and thread count.
 ``sentinel_pipeline_tests/reference_labeller.py`` is a slow per-event implementation of the same
 semantics that the tests compare against.
@@ -443,6 +443,16 @@ def _as_codes(symbol_codes: Any, n: int) -> np.ndarray:
     return codes
 
 
+def default_label_threads() -> int:
+    """Threads the labeller uses when none are given: half of ``NUMBA_NUM_THREADS`` (numba's thread count:
+    the environment variable, by default the CPUs of the process's affinity mask), at least 1: the rule of
+    the training runtime's default (a process never has the machine to itself). On 2 CPUs that is 1 thread:
+    measured there (bench/bench_labels.py), a second thread cut the wall time of 10M bars from ~0.4 s to
+    ~0.2 s but cost 10-30 % more CPU time per bar (memory bandwidth and page faults on the fresh output
+    arrays), and a labels stage's time is mostly its file I/O."""
+    return max(1, int(numba.config.NUMBA_NUM_THREADS) // 2)
+
+
 _KIND_BITS = np.array([QUIRK_BITS[k] for k in QUIRK_KINDS], dtype=np.int64)
 _STEP_BITS = int(sum(QUIRK_BITS[k] for k in TRANSITION_QUIRKS))
 
@@ -467,8 +477,8 @@ def _run_kernel(
     threads: int | None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Allocate the ``wanted`` outputs once (``np.empty``: the kernel writes every element), run the kernel
-    over blocks of ``_BLOCK_ROWS`` rows on ``threads`` threads (None: ``NUMBA_NUM_THREADS``, by default the
-    CPUs of the process's affinity mask; the result does not depend on it); returns the outputs (unclipped names, ``fwd`` as one 2-d array), the summed counters and the largest
+    over blocks of ``_BLOCK_ROWS`` rows on ``threads`` threads (None: ``default_label_threads()``; the result
+    does not depend on it); returns the outputs (unclipped names, ``fwd`` as one 2-d array), the summed counters and the largest
     ``|value|`` per ATR-unit target (NaN: none)."""
     n = high.shape[0]
 
@@ -505,7 +515,7 @@ def _run_kernel(
     def run(b: int) -> None:  # rows of block b; blocks write disjoint rows and their own counter rows
         _label_kernel(starts[b], min(starts[b] + block, n), *args, counts[b], maxabs[b])
 
-    n_threads = min(len(starts), numba.config.NUMBA_NUM_THREADS if threads is None else int(threads))
+    n_threads = min(len(starts), default_label_threads() if threads is None else int(threads))
     if n_threads > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             list(pool.map(run, range(len(starts))))  # list(): re-raises an error of any block
@@ -678,7 +688,7 @@ def label_arrays(
     ``outputs``: names of ``array_names(config)`` to compute (None: all); the others are neither allocated
     nor computed (the barrier scan runs only for barrier outputs or the clipping bit of ``label_quirks``, the
     excursions only for ``mfe``/``mae``/``early_move`` or that bit). The values are those of the full call.
-    ``threads``: how many threads label blocks of rows (None: ``NUMBA_NUM_THREADS``); same result."""
+    ``threads``: how many threads label blocks of rows (None: ``default_label_threads()``); same result."""
     return _label_arrays_and_info(high, low, close, atr, symbol_codes, config, quirks, outputs, threads)[0]
 
 
