@@ -197,7 +197,7 @@ _BARRIER_OUTPUTS = ("tb_label", "tb_both_touched", "tb_touch_row", "tb_bars_to_t
 _C_ELIGIBLE, _C_DOWN, _C_VERTICAL, _C_UP, _C_BOTH, _C_BARS, _C_BLOCKED = range(7)
 _C_BLOCKED_BY = 7  # + kind index (QUIRK_KINDS order)
 _C_WINDOWS_WITH = _C_BLOCKED_BY + len(QUIRK_KINDS)
-_C_CLIPPED = _C_WINDOWS_WITH + len(QUIRK_KINDS)  # + target index (_CLIP_TARGETS order)
+_C_CLIPPED = _C_WINDOWS_WITH + len(QUIRK_KINDS)  # + target index: mfe, mae, early move, tb_return_atr
 _C_ROWS_CLIPPED = _C_CLIPPED + 4
 _N_COUNTS = _C_ROWS_CLIPPED + 1
 _NO_QUIRK = np.iinfo(np.int64).max
@@ -213,7 +213,8 @@ def _label_kernel(start, stop, high_, low_, close_, atr_, codes_, quirks_, kind_
     (before clipping) kept in ``maxabs`` (-1: none). Rows are visited backwards, so that the end of the
     current symbol and the next quirk of each kind after the row are known when the row is reached."""
     # Work on views that begin at ``start``: indices counted from 0 are provably >= 0, which lets the
-    # compiler drop numba's negative-index wraparound from every access (about 1.3x faster per row).
+    # compiler drop numba's negative-index wraparound (a select per access for a signed index it cannot
+    # prove non-negative).
     high, low, close, atr, codes = high_[start:], low_[start:], close_[start:], atr_[start:], codes_[start:]
     quirks = quirks_[start:]  # empty arrays (outputs not requested, no quirks) stay empty
     label, both, touch_row, bars = label_[start:], both_[start:], touch_row_[start:], bars_[start:]
@@ -448,8 +449,8 @@ def default_label_threads() -> int:
     the environment variable, by default the CPUs of the process's affinity mask), at least 1: the rule of
     the training runtime's default (a process never has the machine to itself). On 2 CPUs that is 1 thread:
     measured there (bench/bench_labels.py), a second thread cut the wall time of 10M bars from ~0.4 s to
-    ~0.2 s but cost 10-30 % more CPU time per bar (memory bandwidth and page faults on the fresh output
-    arrays), and a labels stage's time is mostly its file I/O."""
+    ~0.2 s at best but took 0.79-1.13x the CPU time per bar of one thread (more in 3 of 4 runs: memory
+    bandwidth, page faults on the fresh output arrays), and a labels stage's time is mostly its file I/O."""
     return max(1, int(numba.config.NUMBA_NUM_THREADS) // 2)
 
 
@@ -477,9 +478,9 @@ def _run_kernel(
     threads: int | None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Allocate the ``wanted`` outputs once (``np.empty``: the kernel writes every element), run the kernel
-    over blocks of ``_BLOCK_ROWS`` rows on ``threads`` threads (None: ``default_label_threads()``; the result
-    does not depend on it); returns the outputs (unclipped names, ``fwd`` as one 2-d array), the summed counters and the largest
-    ``|value|`` per ATR-unit target (NaN: none)."""
+    over blocks of ``_BLOCK_ROWS`` rows on ``threads`` threads (None: ``default_label_threads()``; the
+    result does not depend on it); returns the outputs (kernel names, ``fwd`` as one 2-d array), the summed
+    counters and the largest ``|value|`` per ATR-unit target before clipping (NaN: none)."""
     n = high.shape[0]
 
     def alloc(name: str, dtype: Any) -> np.ndarray:
@@ -555,15 +556,6 @@ def triple_barrier(
     return {**{k: out[k] for k in _BARRIER_OUTPUTS}, "eligible": out["label_eligible"]}
 
 
-def symbol_ends(codes: np.ndarray) -> np.ndarray:
-    """Per row, the exclusive end row of its symbol's contiguous block of rows."""
-    n = codes.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    last = np.flatnonzero(np.append(codes[1:] != codes[:-1], True))  # last row of each block
-    return (np.repeat(last, np.diff(np.append(-1, last))) + 1).astype(np.int64)
-
-
 def _as_quirks(quirks: Any, n: int) -> np.ndarray:
     if quirks is None:
         return np.zeros(n, dtype=np.uint8)
@@ -575,33 +567,6 @@ def _as_quirks(quirks: Any, n: int) -> np.ndarray:
             raise ValueError("quirks must be bit masks of bar_quality.QUIRK_BITS (0..255)")
         q = q.astype(np.uint8)
     return q
-
-
-def window_quirks(quirks: np.ndarray, symbol_codes: np.ndarray, window: int) -> np.ndarray:
-    """uint8 per row: the OR of the quirk bits that row ``t``'s label window meets, within its symbol:
-    transition quirks (``jump``, ``hole``) of bars ``t+1 .. t+window``, bar quirks of bars ``t .. t+window``.
-
-    Vectorised: a prefix count of each kind, differenced over each row's window. (The labeller computes the
-    same bits inside its kernel; this is the stand-alone form.)
-    """
-    n = quirks.shape[0]
-    out = np.zeros(n, dtype=np.uint8)
-    if n == 0 or not quirks.any():
-        return out
-    rows = np.arange(n, dtype=np.int64)
-    last = np.minimum(rows + window, symbol_ends(symbol_codes) - 1)  # last bar of the window, same symbol
-    for kind, bit in QUIRK_BITS.items():
-        hit = (quirks & bit) != 0
-        if not hit.any():
-            continue
-        before = np.concatenate([[0], np.cumsum(hit, dtype=np.int64)])  # before[k] = hits in rows < k
-        first = rows + 1 if kind in TRANSITION_QUIRKS else rows
-        met = before[last + 1] - before[np.minimum(first, last + 1)] > 0
-        out[met] |= np.uint8(bit)
-    return out
-
-
-_CLIP_TARGETS = ("mfe", "mae", "early_move", "tb_return_atr")  # order of the kernel's clip counters
 
 
 def array_names(config: LabelConfig) -> list[str]:
