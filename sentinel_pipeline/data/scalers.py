@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,17 +77,7 @@ class ClippedRobustScaler(TransformerMixin, BaseEstimator):
         if X.shape[0] == 0:
             raise ValueError("cannot fit a scaler on zero rows")
         X = X.astype(np.float64, copy=False)
-        # RobustScaler's statistics are per column: fit column ranges in threads (NumPy's partition
-        # releases the GIL) and concatenate, which gives exactly the centre/scale of one fit on X
-        n_parts = min(os.cpu_count() or 1, self.n_features_in_)
-        bounds = np.linspace(0, self.n_features_in_, n_parts + 1).astype(int)
-        with ThreadPoolExecutor(max_workers=n_parts) as pool:
-            parts = list(pool.map(
-                lambda lo_hi: RobustScaler(quantile_range=tuple(self.quantile_range)).fit(X[:, lo_hi[0] : lo_hi[1]]),
-                zip(bounds[:-1], bounds[1:], strict=True),
-            ))
-        self.center_ = np.concatenate([r.center_ for r in parts]).astype(np.float64)
-        self.scale_ = np.concatenate([r.scale_ for r in parts]).astype(np.float64)
+        self.center_, self.scale_ = robust_parameters(X, self.quantile_range)
         return self
 
     def _check_width(self, X: np.ndarray) -> None:
@@ -105,6 +96,98 @@ class ClippedRobustScaler(TransformerMixin, BaseEstimator):
         out = X.astype(np.float32)
         self._scale_inplace(out)
         return out
+
+
+# below this many rows sklearn's own fit is used as is: NumPy's nanmedian takes another path for short
+# columns (masked arrays), and the cost does not matter there
+_ONE_PASS_MIN_ROWS = 600
+
+
+def robust_parameters(X: np.ndarray, quantile_range: tuple[float, float] = QUANTILE_RANGE) -> tuple[np.ndarray, np.ndarray]:
+    """The ``center_`` and ``scale_`` of ``RobustScaler(quantile_range).fit(X)`` for a float64 ``X``,
+    bit for bit, from one pass of selections per column.
+
+    sklearn computes them with ``np.nanmedian(X, axis=0)`` and one ``np.nanpercentile(column, q)`` per
+    column: each copies the column (to drop NaNs) and partitions it again. For a finite column the
+    median is ``np.median`` (``mean`` of the one or two middle order statistics) and each percentile
+    NumPy's ``linear`` method (``_lerp`` of the order statistics at ``floor((n - 1) q / 100)`` and the
+    next). Here the order statistics all of them need are found in one go on one copy of the column
+    (:func:`_order_statistics`) and combined with the same NumPy operations, so the values are identical
+    (``test_scalers`` checks this against ``RobustScaler``). A column where one of them is zero goes to
+    ``RobustScaler`` itself: which of two tied zeros (0.0 and -0.0) lands in the middle depends on the
+    partition algorithm, and the sign must be sklearn's. Short or non-finite inputs also go to
+    ``RobustScaler``. Written by hand because neither NumPy nor sklearn gives a median and percentiles
+    from one selection; columns run in threads (``np.partition`` releases the GIL).
+    """
+    n, width = X.shape
+    if n < _ONE_PASS_MIN_ROWS or X.dtype != np.float64 or not np.isfinite(X).all():
+        return _sklearn_parameters(X, quantile_range)
+    # NumPy's linear percentile: virtual index (n - 1) * q, its floor and the next position
+    q = np.true_divide(tuple(quantile_range), 100)
+    virtual = (n - 1) * q
+    previous = np.floor(virtual)
+    following = previous + 1
+    above = virtual >= n - 1
+    previous[above] = -1
+    following[above] = -1
+    previous, following = previous.astype(np.intp), following.astype(np.intp)
+    gamma = np.asanyarray(virtual - previous, dtype=virtual.dtype)
+    half = n // 2
+    middle = [half - 1, half] if n % 2 == 0 else [half]
+    positions = sorted({*middle, *(int(p) % n for p in previous), *(int(p) % n for p in following)})
+
+    scratch = threading.local()  # one column buffer per thread: fresh 56 MB arrays cost page faults
+
+    def one(j: int) -> tuple[float, float] | None:
+        if getattr(scratch, "column", None) is None:
+            scratch.column = np.empty(n, dtype=np.float64)
+        np.copyto(scratch.column, X[:, j])
+        stats = _order_statistics(scratch.column, positions)
+        if any(v == 0.0 for v in stats.values()):
+            return None  # tied zeros: see above
+        center = np.mean(np.array([stats[p] for p in middle]))  # as np.median
+        a = np.array([stats[int(p) % n] for p in previous])
+        b = np.array([stats[int(p) % n] for p in following])
+        diff = b - a  # as NumPy's _lerp
+        lerp = np.add(a, diff * gamma)
+        np.subtract(b, diff * (1 - gamma), out=lerp, where=gamma >= 0.5, casting="unsafe", dtype=lerp.dtype)
+        return float(center), float(lerp[1] - lerp[0])
+
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, width))) as pool:
+        results = list(pool.map(one, range(width)))
+    center = np.empty(width, dtype=np.float64)
+    scale = np.empty(width, dtype=np.float64)
+    for j, r in enumerate(results):
+        if r is None:
+            c, s = _sklearn_parameters(X[:, j : j + 1], quantile_range)
+            center[j], scale[j] = c[0], s[0]
+        else:
+            center[j], scale[j] = r
+            if scale[j] < 10 * np.finfo(np.float64).eps:  # sklearn's _handle_zeros_in_scale
+                scale[j] = 1.0
+    return center, scale
+
+
+def _sklearn_parameters(X: np.ndarray, quantile_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    fitted = RobustScaler(quantile_range=tuple(quantile_range)).fit(X)
+    return np.asarray(fitted.center_, dtype=np.float64), np.asarray(fitted.scale_, dtype=np.float64)
+
+
+def _order_statistics(values: np.ndarray, positions: list[int], offset: int = 0) -> dict[int, float]:
+    """``{p: sorted(values)[p - offset]}`` for sorted, distinct ``positions``; reorders ``values``.
+
+    One ``partition`` with a single kth at the middle position, then the same on the part below and the
+    part above it for the positions on either side: NumPy's single-kth partition (SIMD-accelerated) was
+    5-10x faster on 7M values than one partition on all six positions at once.
+    """
+    if not positions:
+        return {}
+    k = positions[len(positions) // 2]
+    values.partition(k - offset)
+    out = {k: float(values[k - offset])}
+    out.update(_order_statistics(values[: k - offset], [p for p in positions if p < k], offset))
+    out.update(_order_statistics(values[k - offset + 1 :], [p for p in positions if p > k], k + 1))
+    return out
 
 
 def transform_filled(scaler: ClippedRobustScaler, X: np.ndarray, fill: float = 0.0) -> np.ndarray:
