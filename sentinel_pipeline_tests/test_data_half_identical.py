@@ -17,8 +17,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sentinel_pipeline.data.dataset import read_dataset
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, generate_synthetic_market
 from sentinel_pipeline.data.synthetic_panel import SyntheticPanelConfig
+from sentinel_pipeline.data.tables import read_frame
 from sentinel_pipeline.data_half import DataHalfConfig, panel_config, run_data_half
 from sentinel_pipeline.paths import ArtifactPaths
 from sentinel_pipeline_tests.data_half_digests import artefact_digests
@@ -29,12 +31,14 @@ PANEL = SyntheticPanelConfig(seed=2, n_symbols=40, n_days=260)
 
 
 def _tables(paths: ArtifactPaths) -> dict[str, pd.DataFrame]:
+    """The tables as the stages read them now (before: ``pd.read_parquet`` of each file, and of the one
+    labelled table the labels stage wrote)."""
     return {
-        "bars": pd.read_parquet(paths.bars),
-        "bar_flags": pd.read_parquet(paths.bar_flags),
-        "features": pd.read_parquet(paths.features),
-        "dataset": pd.read_parquet(paths.labelled_dataset),
-        "assignment": pd.read_parquet(paths.split_assignment),
+        "bars": read_frame(paths.bars),
+        "bar_flags": read_frame(paths.bar_flags),
+        "features": read_frame(paths.features),
+        "dataset": read_dataset(paths.features, paths.labels),
+        "assignment": read_frame(paths.split_assignment),
     }
 
 

@@ -34,15 +34,13 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import sklearn
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.preprocessing import RobustScaler
 
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
+from sentinel_pipeline.data.dataset import LabelledDataset
 from sentinel_pipeline.data.feature_contract import ContractError, FeatureContract
-from sentinel_pipeline.data.raw_bars import iter_row_groups, read_parquet
 from sentinel_pipeline.safe_read import UnsafeFileError, read_regular
 
 SCALED_GROUPS: tuple[str, ...] = ("seq", "snap")
@@ -300,39 +298,32 @@ def fit_scalers(
     return _fit(contract, list(dataset.columns), rows, dataset["timestamp"], fill, clip)
 
 
-def fit_scalers_from_parquet(
-    dataset_path: str | Path, assignment: pd.DataFrame, contract: FeatureContract, clip: float = DEFAULT_CLIP
+def fit_scalers_from_dataset(
+    dataset: LabelledDataset, assignment: pd.DataFrame, contract: FeatureContract, clip: float = DEFAULT_CLIP
 ) -> FittedScalers:
-    """:func:`fit_scalers` for a labelled dataset stored as parquet (same result): reads the feature
-    columns one row group at a time, keeping only the fit rows. ``assignment`` needs ``split``."""
-    dataset_path = Path(dataset_path)
+    """:func:`fit_scalers` for the labelled dataset on disk (features + labels side by side, same result):
+    one feature column at a time is mapped and only its fit rows are gathered. ``assignment`` needs
+    ``split``. Errors name the features file."""
+    where = dataset.features_path
+    index = dataset.frame([c for c in ("timestamp", "feature_valid") if c in dataset.names])
     try:
-        source = pq.ParquetFile(dataset_path, memory_map=True)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{dataset_path}: not a readable parquet file: {exc}") from exc
-    columns = source.schema_arrow.names
-    index = read_parquet(dataset_path, [c for c in ("timestamp", "feature_valid") if c in columns])
-    group_rows = [source.metadata.row_group(g).num_rows for g in range(source.num_row_groups)]
-    group_start = np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64)
-    try:
-        rows = _fit_rows(index, int(group_start[-1]), assignment)
+        rows = _fit_rows(index, dataset.num_rows, assignment)
     except ValueError as exc:
-        raise ValueError(f"{dataset_path}: {exc}") from exc
-    bounds = np.searchsorted(rows, group_start)  # fit rows of row group g: rows[bounds[g]:bounds[g + 1]]
+        raise ValueError(f"{where}: {exc}") from exc
 
     def fill(names: list[str], X: np.ndarray) -> None:
-        if not names:
-            return
-        for g, part in enumerate(iter_row_groups(source, names)):
-            lo, hi = bounds[g], bounds[g + 1]
-            local = rows[lo:hi] - group_start[g]
-            for j, name in enumerate(names):  # nulls -> NaN, as pandas reads them
-                X[lo:hi, j] = part.column(name).to_numpy()[local]
+        for j, name in enumerate(names):  # nulls -> NaN, as pandas reads them
+            values = dataset.column(name)
+            if values.dtype == np.float64:
+                np.take(values, rows, out=X[:, j])
+            else:
+                X[:, j] = values[rows]
+            del values  # unmaps the column's pages
 
     try:
-        return _fit(contract, columns, rows, index["timestamp"], fill, clip)
+        return _fit(contract, dataset.names, rows, index["timestamp"], fill, clip)
     except ValueError as exc:  # ContractError included: same type, message names the file
-        raise type(exc)(f"{dataset_path}: {exc}") from exc
+        raise type(exc)(f"{where}: {exc}") from exc
 
 
 def save_scalers(directory: str | Path, fitted: FittedScalers) -> dict[str, Path]:

@@ -1,0 +1,156 @@
+"""The bar-ordered intermediate tables of the data half as Arrow IPC files (Feather v2, uncompressed).
+
+Bars, bar flags, features, labels and the split assignment are written once by their stage and read
+back by the stages after it, never edited. Measured on 2M rows of the 43-column features table (2 cores,
+noisy): parquet (snappy, no dictionary for floats) wrote in 0.59 s and was read back to pandas in 1.0-2.0
+s; uncompressed IPC wrote in 0.27 s (1.3x the bytes), and a stage reads its columns from the
+memory-mapped file without decoding or copying (lz4 IPC: 1.56 s to write; zstd 1.03 s). So the tables are
+uncompressed IPC: a write is a copy into the page cache, a read maps the pages.
+
+:func:`write_table` writes atomically (``atomic_io.atomic_path``: temporary file, fsync, rename) and
+hashes the bytes as it writes them, so the stage commit (``stage_cache.build_stage``) and the
+fingerprints of later stages find the file's sha256 without reading it again
+(``stage_cache.remember_digest``). :func:`read_frame` gives the frame ``pd.read_parquet`` gave for the
+same table (the pandas metadata travels with the schema); :func:`open_table` maps a file and
+:func:`column` hands out a column as a NumPy array (a read-only view of the mapped pages where the type
+allows). A file that is not a readable IPC file raises ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from sentinel_pipeline.atomic_io import atomic_path
+from sentinel_pipeline.stage_cache import remember_digest
+
+SUFFIX = ".arrow"
+_ATTRS_KEY = b"PANDAS_ATTRS"  # where pandas' to_parquet keeps DataFrame.attrs; kept the same here
+
+
+class _HashingSink:
+    """A binary file that hashes every byte written to it (for ``pa.PythonFile``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.hash = hashlib.sha256()
+        self.position = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        self.fh.write(view)
+        self.position += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.fh.close()
+            self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+def to_arrow(data: pd.DataFrame | pa.Table) -> pa.Table:
+    """The Arrow table of a frame, as ``DataFrame.to_parquet`` converts it (no index, ``attrs`` kept)."""
+    if isinstance(data, pa.Table):
+        return data
+    table = pa.Table.from_pandas(data, preserve_index=False)
+    if data.attrs:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), _ATTRS_KEY: json.dumps(data.attrs)})
+    return table
+
+
+def write_table(data: pd.DataFrame | pa.Table, path: str | Path) -> Path:
+    """Write a frame (without its index) or an Arrow table as one uncompressed IPC file, atomically,
+    hashing it as it is written; returns ``path``."""
+    path = Path(path)
+    table = to_arrow(data)
+    with atomic_path(path) as tmp:
+        sink = _HashingSink(tmp)
+        try:
+            with pa.PythonFile(sink, mode="w") as out, ipc.new_file(out, table.schema) as writer:
+                writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+        finally:
+            sink.close()
+        digest = sink.hash.hexdigest()
+    remember_digest(path, digest)
+    return path
+
+
+def schema_of(path: str | Path) -> pa.Schema:
+    """The schema of an IPC file (reads its footer only); ``ValueError`` naming the file when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table file does not exist")
+    try:
+        return ipc.open_file(pa.memory_map(str(path), "r")).schema
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Arrow IPC file: {exc}") from exc
+
+
+def open_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The table of an IPC file, memory-mapped (``columns`` only); ``ValueError`` naming the file when it
+    is missing columns or is not a readable IPC file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table file does not exist")
+    try:
+        reader = ipc.open_file(pa.memory_map(str(path), "r"))
+        if columns is None:
+            return reader.read_all()
+        missing = [c for c in columns if c not in reader.schema.names]
+        if missing:
+            raise ValueError(f"{path}: table lacks columns {missing}")
+        return reader.read_all().select(columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Arrow IPC file: {exc}") from exc
+
+
+def frame_of(table: pa.Table) -> pd.DataFrame:
+    """The pandas frame of an Arrow table as ``pd.read_parquet`` builds it (pandas metadata, ``attrs``)."""
+    frame = table.to_pandas()
+    raw = (table.schema.metadata or {}).get(_ATTRS_KEY)
+    if raw:
+        frame.attrs = json.loads(raw)
+    return frame
+
+
+def read_frame(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """The frame of an IPC table file (``columns`` only, in that order): what ``pd.read_parquet`` gave
+    for the same table in parquet (same dtypes and values; its own memory, nothing left mapped)."""
+    table = open_table(path, columns)
+    try:
+        return frame_of(table)
+    finally:
+        del table
+        pa.default_memory_pool().release_unused()
+
+
+def column(table: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as a NumPy array: a read-only view of the mapped file for a numeric column in one
+    chunk without nulls, else a converted copy (nulls -> NaN for floats, as pandas reads them)."""
+    col = table.column(name)
+    if col.num_chunks == 1:
+        chunk = col.chunk(0)
+        if chunk.null_count == 0 and (pa.types.is_floating(chunk.type) or pa.types.is_integer(chunk.type)):
+            return chunk.to_numpy(zero_copy_only=True)
+    return col.to_numpy()
