@@ -21,10 +21,10 @@ if str(REPO_ROOT) not in sys.path:
 
 def main() -> int:
     import numpy as np
-    import pandas as pd
 
     from sentinel_pipeline import data_half
     from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
+    from sentinel_pipeline.data.tables import read_frame
     from sentinel_pipeline.paths import ArtifactPaths
     from sentinel_pipeline.replay.trades import simulate_trades
 
@@ -34,7 +34,7 @@ def main() -> int:
         cfg = data_half.DataHalfConfig()
         cfg.synthetic = SyntheticMarketConfig(n_symbols=20, n_days=60)
         data_half.run_data_half(paths, cfg, log=lambda _msg: None)
-        bars = pd.read_parquet(paths.bars).sort_values(["symbol", "timestamp"], kind="stable").reset_index(drop=True)
+        bars = read_frame(paths.bars).sort_values(["symbol", "timestamp"], kind="stable").reset_index(drop=True)
         rng = np.random.default_rng(0)
         atr = (bars["high"] - bars["low"]).to_numpy(np.float64) + 1e-3
         simulate_trades(bars, rng.normal(size=len(bars)), atr, cfg.labels)

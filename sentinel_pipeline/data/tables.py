@@ -136,8 +136,23 @@ def frame_of(table: pa.Table) -> pd.DataFrame:
 
 def read_frame(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     """The frame of an IPC table file (``columns`` only, in that order): what ``pd.read_parquet`` gave
-    for the same table in parquet (same dtypes and values; its own memory, nothing left mapped)."""
-    table = open_table(path, columns)
+    for the same table in parquet (same dtypes and values). Read into memory, not mapped: the frame's
+    string columns would otherwise keep pointing into the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table file does not exist")
+    try:
+        with pa.OSFile(str(path), "r") as source:
+            names = ipc.open_file(source).schema.names
+            missing = [c for c in columns or () if c not in names]
+            if missing:
+                raise ValueError(f"{path}: table lacks columns {missing}")
+            wanted = None if columns is None else [names.index(c) for c in columns]
+            table = ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=wanted)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Arrow IPC file: {exc}") from exc
+    if columns is not None:
+        table = table.select(columns)
     try:
         return frame_of(table)
     finally:
