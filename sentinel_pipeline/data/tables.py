@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,22 @@ _ATTRS_KEY = b"PANDAS_ATTRS"  # where pandas' to_parquet keeps DataFrame.attrs; 
 
 
 class _HashingSink:
-    """A binary file that hashes every byte written to it (for ``pa.PythonFile``)."""
+    """A binary file that hashes every byte written to it (for ``pa.PythonFile``), in a second thread:
+    sha256 (user time) runs beside the copy into the page cache (kernel time), both without the GIL.
+    Every chunk stays referenced until it is hashed (large ones arrive as Arrow buffers, not copies), and
+    one worker hashes them in the order they were written."""
 
     def __init__(self, path: Path) -> None:
         self.fh = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.hash = hashlib.sha256()
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: list[Future[None]] = []
         self.position = 0
         self.closed = False
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.hash.update(view)
+        self.pending.append(self.pool.submit(self.hash.update, view))
         self.fh.write(view)
         self.position += view.nbytes
         return view.nbytes
@@ -59,14 +65,35 @@ class _HashingSink:
 
     def close(self) -> None:
         if not self.closed:
-            self.fh.close()
             self.closed = True
+            try:
+                self.fh.close()
+            finally:
+                self.pool.shutdown(wait=True)
+
+    def hexdigest(self) -> str:
+        """The sha256 of everything written (after :meth:`close`)."""
+        for done in self.pending:
+            done.result()
+        return self.hash.hexdigest()
 
     def writable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
         return False
+
+
+def write_ipc(table: pa.Table, path: str | Path) -> str:
+    """Write ``table`` to ``path`` as one uncompressed IPC file with one record batch (no atomicity: the
+    caller's temporary path); returns the sha256 of the file's bytes, computed as they were written."""
+    sink = _HashingSink(Path(path))
+    try:
+        with pa.PythonFile(sink, mode="w") as out, ipc.new_file(out, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+    finally:
+        sink.close()
+    return sink.hexdigest()
 
 
 def to_arrow(data: pd.DataFrame | pa.Table) -> pa.Table:
@@ -85,13 +112,7 @@ def write_table(data: pd.DataFrame | pa.Table, path: str | Path) -> Path:
     path = Path(path)
     table = to_arrow(data)
     with atomic_path(path) as tmp:
-        sink = _HashingSink(tmp)
-        try:
-            with pa.PythonFile(sink, mode="w") as out, ipc.new_file(out, table.schema) as writer:
-                writer.write_table(table, max_chunksize=max(table.num_rows, 1))
-        finally:
-            sink.close()
-        digest = sink.hash.hexdigest()
+        digest = write_ipc(table, tmp)
     remember_digest(path, digest)
     return path
 
