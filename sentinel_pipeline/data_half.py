@@ -38,6 +38,7 @@ Dagster assets and :func:`run_data_half` both use these.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -136,8 +137,23 @@ def synthetic_panel_sector_file(paths: ArtifactPaths, cfg: DataHalfConfig) -> Pa
 
 
 def _release_arrow_memory() -> None:
-    """Hand the memory that Arrow's pool keeps after frees back to the OS (mimalloc/jemalloc hold it)."""
+    """Hand the memory that Arrow's pool keeps after frees back to the OS (mimalloc/jemalloc hold it), and
+    what glibc's heap keeps (``malloc_trim``: about 290 MB after the raw stage at 10M bars, which every
+    later stage would otherwise start from)."""
     pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _read_frame(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
