@@ -182,11 +182,19 @@ def read_frame(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
 
 
 def column(table: pa.Table, name: str) -> np.ndarray:
-    """Column ``name`` as a NumPy array: a read-only view of the mapped file for a numeric column in one
-    chunk without nulls, else a converted copy (nulls -> NaN for floats, as pandas reads them)."""
+    """Column ``name`` as a NumPy array, equal to ``table.column(name).to_numpy()`` (nulls -> NaN for
+    floats, as pandas reads them): a read-only view of the mapped file for a numeric column in one chunk
+    whose null slots (if any) already hold NaN in the data buffer, which is how a frame's NaN arrive
+    (``pa.Table.from_pandas`` marks them null and keeps the values), else a converted copy."""
     col = table.column(name)
     if col.num_chunks == 1:
         chunk = col.chunk(0)
-        if chunk.null_count == 0 and (pa.types.is_floating(chunk.type) or pa.types.is_integer(chunk.type)):
+        numeric = pa.types.is_floating(chunk.type) or pa.types.is_integer(chunk.type)
+        if numeric and chunk.null_count == 0:
             return chunk.to_numpy(zero_copy_only=True)
+        if pa.types.is_floating(chunk.type) and chunk.offset == 0:
+            values = np.frombuffer(chunk.buffers()[1], dtype=chunk.type.to_pandas_dtype(), count=len(chunk))
+            null_rows = np.flatnonzero(~chunk.is_valid().to_numpy(zero_copy_only=False))
+            if np.isnan(values[null_rows]).all():
+                return values
     return col.to_numpy()
