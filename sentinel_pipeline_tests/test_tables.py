@@ -91,3 +91,14 @@ def test_every_recorded_output_digest_is_the_files_sha256(tmp_path: Path) -> Non
             checked += 1
     assert checked >= 15
     assert {"labels.arrow"} == set(read_record(paths.labels_dir)["outputs"])  # no copy of the features
+
+
+def test_a_frame_read_does_not_point_into_the_file(tmp_path: Path) -> None:
+    """The frame owns its memory: overwriting the file in place afterwards (a user's edit, a test's
+    tampering) leaves it intact instead of crashing the process with SIGBUS on its mapped pages."""
+    frame = _frame(20_000)
+    path = write_table(frame, tmp_path / "t.arrow")
+    back = read_frame(path, ["symbol", "x"])
+    path.write_bytes(b"")  # truncated in place: pages of a mapping would be gone
+    assert back["symbol"].tolist() == frame["symbol"].tolist()
+    assert np.array_equal(back["x"].to_numpy(), frame["x"].to_numpy())
