@@ -157,18 +157,26 @@ def frame_of(table: pa.Table) -> pd.DataFrame:
 
 def read_frame(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
     """The frame of an IPC table file (``columns`` only, in that order): what ``pd.read_parquet`` gave
-    for the same table in parquet (same dtypes and values).
-
-    The file is mapped and only the wanted columns are copied out of it (``pa.concat_arrays`` allocates
-    new buffers), then converted: nothing of the frame points into the file (pandas keeps string
-    columns as Arrow arrays, which would otherwise keep the mapping, and break if the file were
-    truncated under it). Reading through a plain file handle instead would read the whole record batch,
-    every column, whatever ``columns`` says."""
-    table = open_table(path, columns)
+    for the same table in parquet (same dtypes and values). Read into memory through a file handle, only
+    the wanted columns, not mapped: the frame's string columns would otherwise keep pointing into the
+    file, and copying columns out of a mapping (page faults) measured 2-8x slower here (10M bars: 1.1-2.9
+    s against 0.14-1.7 s for the 7 columns of the bars)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: table file does not exist")
     try:
-        owned = [pa.chunked_array([pa.concat_arrays(col.chunks)], type=col.type) if col.num_chunks else col
-                 for col in table.columns]
-        table = pa.Table.from_arrays(owned, schema=table.schema)
+        with pa.OSFile(str(path), "r") as source:
+            names = ipc.open_file(source).schema.names
+            missing = [c for c in columns or () if c not in names]
+            if missing:
+                raise ValueError(f"{path}: table lacks columns {missing}")
+            wanted = None if columns is None else [names.index(c) for c in columns]
+            table = ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=wanted)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable Arrow IPC file: {exc}") from exc
+    if columns is not None:
+        table = table.select(columns)
+    try:
         return frame_of(table)
     finally:
         del table
