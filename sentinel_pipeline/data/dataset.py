@@ -58,7 +58,10 @@ class LabelledDataset:
         return [c for c in names if c not in self.label_names], [c for c in names if c in self.label_names]
 
     def columns(self, names: list[str]) -> dict[str, np.ndarray]:
-        """``{name: NumPy array}`` (views of freshly mapped files where the type allows, ``tables.column``)."""
+        """``{name: NumPy array}``: views of a fresh mapping of the file where the type allows
+        (``tables.column``), unmapped when the arrays are dropped. Mapped, not read: a file-handle read of
+        an IPC file reads the whole record batch, i.e. every column of the 43-column features table, for
+        each call (the scaler stage took 11.2 s that way at 10M bars, 4.0 s mapped)."""
         feats, labs = self._split(list(names))
         out: dict[str, np.ndarray] = {}
         for path, part in ((self.features_path, feats), (self.labels_path, labs)):
