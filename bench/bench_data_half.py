@@ -19,7 +19,7 @@ version of a representative slice: read the raw parquet, sort, five features wit
 ``groupby(...).shift/rolling`` (ret_1, ret_5, ret_20, rv_20, vol_z_20) and the forward-return
 labels ``fwd_ret_{1,5,10,20}`` with ``groupby(...).shift(-h)`` (no per-row loop, nothing written).
 It is compared with the pipeline's raw_bars + features + labels stages, which do much more (ingest
-validation and quarantine, 34 features plus ATR, triple-barrier labels, MFE/MAE, parquet writes).
+validation and quarantine, 34 features plus ATR, triple-barrier labels, MFE/MAE, table writes).
 
 Numba/BLAS thread counts are left at their defaults (the machine's cores). Timings on a shared
 machine are noisy.
