@@ -59,9 +59,9 @@ class LabelledDataset:
 
     def columns(self, names: list[str]) -> dict[str, np.ndarray]:
         """``{name: NumPy array}``: views of a fresh mapping of the file where the type allows
-        (``tables.column``), unmapped when the arrays are dropped. Mapped, not read: a file-handle read of
-        an IPC file reads the whole record batch, i.e. every column of the 43-column features table, for
-        each call (the scaler stage took 11.2 s that way at 10M bars, 4.0 s mapped)."""
+        (``tables.column``), unmapped when the arrays are dropped. Mapped, not read into memory: the scaler
+        stage, which takes its 27 feature columns one at a time, took 11.2 s at 10M bars with file-handle
+        reads and 4.0-5.8 s mapped (noisy machine)."""
         feats, labs = self._split(list(names))
         out: dict[str, np.ndarray] = {}
         for path, part in ((self.features_path, feats), (self.labels_path, labs)):

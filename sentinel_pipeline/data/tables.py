@@ -157,8 +157,7 @@ def frame_of(table: pa.Table) -> pd.DataFrame:
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """The table of an IPC file read into memory through a file handle (``columns`` only, in that order);
-    nothing points into the file afterwards. The reader reads the whole record batch (every column) and
-    keeps the wanted ones: cheap for a table read whole or nearly, see :func:`open_table` otherwise."""
+    nothing points into the file afterwards."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: table file does not exist")
