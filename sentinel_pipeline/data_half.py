@@ -6,13 +6,15 @@ metadata; the benchmark and the tests call the same functions). ``run_data_half`
 order. No Dagster import here.
 
 I/O between stages is most of the data half's time and memory at 10M bars (the compiled stage code
-is a small share), so: parquet is written by ``raw_bars.write_parquet`` (no dictionary encoding for
-float columns) and read memory-mapped, only the columns a stage uses, with one pandas block per
-column (no consolidation copy); Arrow's memory pool hands freed memory back to the OS after each read
-and each stage. The wide tables are streamed one parquet row group at a time: the labels stage
-appends its columns to the features row group by row group, the scalers gather only their fit rows,
-and the HDF5 stage writes the three split files in row chunks (``*_from_parquet`` functions), so the
-57-column labelled table is never whole in memory.
+is a small share), so the bar-ordered intermediate tables (bars, bar flags, features, labels, split
+assignment) are uncompressed Arrow IPC files (``data.tables``): written with one copy into the page
+cache, hashed as they are written (the stage commit does not read them again), and read by mapping only
+the columns a stage uses. The labels stage writes only the label columns (``labels.arrow``, with the
+``symbol``/``timestamp`` keys), never a copy of the features: the labelled dataset is the features and
+the labels side by side (``data.dataset.LabelledDataset``, which checks that their rows match). The
+scalers gather only their fit rows and the HDF5 stage writes the three split files in row chunks, one
+matrix at a time, so no wide table is whole in memory. Arrow's memory pool hands freed memory back to
+the OS after each stage.
 
 Input: the parquet/CSV files of the raw landing zone (``paths.raw_dir``, a folder or a single file);
 only when it is empty or absent, the embedded synthetic default market, generated into its own folder
@@ -36,6 +38,7 @@ Dagster assets and :func:`run_data_half` both use these.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -49,11 +52,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
-from sentinel_pipeline.data import arrow_cache, hdf5_splits, labels, raw_bars, scalers, splits
+from sentinel_pipeline.atomic_io import write_json_atomic
+from sentinel_pipeline.data import arrow_cache, hdf5_splits, labels, raw_bars, scalers, splits, tables
 from sentinel_pipeline.data import features as feats
+from sentinel_pipeline.data.dataset import LabelledDataset
 from sentinel_pipeline.data.feature_contract import FeatureContract, read_contract
 from sentinel_pipeline.data.synthetic_market import (
     SyntheticMarketConfig,
@@ -134,15 +137,33 @@ def synthetic_panel_sector_file(paths: ArtifactPaths, cfg: DataHalfConfig) -> Pa
 
 
 def _release_arrow_memory() -> None:
-    """Hand the memory that Arrow's pool keeps after frees back to the OS (mimalloc/jemalloc hold it)."""
+    """Hand the memory that Arrow's pool keeps after frees back to the OS (mimalloc/jemalloc hold it), and
+    what glibc's heap keeps (``malloc_trim``: about 290 MB after the raw stage at 10M bars, which every
+    later stage would otherwise start from)."""
     pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _read_frame(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """``pd.read_parquet`` (same frame), read with one copy of the data (``raw_bars.read_parquet``)."""
-    df = raw_bars.read_parquet(path, columns)
-    _release_arrow_memory()
-    return df
+    """The frame of an intermediate table (``tables.read_frame``: what ``pd.read_parquet`` gave before)."""
+    return tables.read_frame(path, columns)
+
+
+def labelled_dataset(paths: ArtifactPaths) -> LabelledDataset:
+    """The features and the labels side by side (row count and keys checked, ``data.dataset``)."""
+    return LabelledDataset(paths.features, paths.labels)
 
 
 def _timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -326,10 +347,10 @@ def run_raw_bars(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         raw_bars.enforce_quarantine_limit(result, ingest)
         result.report["max_samples_per_split"] = possible
         write_json_atomic(paths.quality_report, result.report)
-        raw_bars.write_parquet(result.bars, paths.bars)
+        tables.write_table(result.bars, paths.bars)
         if result.flags is None:
             raise ValueError(f"{paths.bar_flags}: the ingest result has no bar flags to write")
-        raw_bars.write_parquet(result.flags, paths.bar_flags)
+        tables.write_table(result.flags, paths.bar_flags)
         return {"report": result.report, "input_files": [str(f) for f in source.files],
                 "data_source": source.data_source, "synthetic": source.synthetic}
 
@@ -359,7 +380,7 @@ def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         bars = _read_frame(paths.bars)
         frame = feats.compute_features(bars, cfg.features)
         del bars  # the frame shares its bar columns
-        raw_bars.write_parquet(frame, paths.features)
+        tables.write_table(frame, paths.features)
         valid = frame["feature_valid"].to_numpy()
         return {
             "rows": int(len(frame)),
@@ -376,31 +397,27 @@ def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
 
 # -- stage 3 -------------------------------------------------------------------------------------
 def run_labels(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
+    """Labels in their own table (``labels.arrow``: ``symbol``, ``timestamp``, then the label columns),
+    row for row beside the features, which stay as they are: readers put the two side by side
+    (``data.dataset.LabelledDataset`` checks the rows match)."""
+
     def go() -> dict[str, Any]:
-        # label_dataset sees only the columns it reads; its label columns are then appended to the
-        # features one row group at a time: the file is the one label_dataset(whole frame) would give
-        # written by write_parquet, but the feature columns are never all in memory
         frame = _read_frame(paths.features, list(labels.REQUIRED_COLUMNS))
         quirks = _bar_quirks(paths, frame)
         labelled, stats = labels.label_dataset(frame, cfg.labels, quirks)
         del frame
-        new = labelled[labels.label_columns(cfg.labels)]
+        keys = ["symbol", "timestamp"]
+        tables.write_table(labelled[[*keys, *labels.label_columns(cfg.labels)]], paths.labels)
+        rows = len(labelled)
         del labelled
-        features = pq.ParquetFile(paths.features, memory_map=True)
-        empty = pd.concat([features.schema_arrow.empty_table().to_pandas(), new.iloc[:0]], axis=1)
-        added = pa.Table.from_pandas(new, preserve_index=False)  # as DataFrame.to_parquet converts them
-        del new
-        schema = pa.schema([*features.schema_arrow, *added.schema],
-                           metadata=pa.Schema.from_pandas(empty, preserve_index=False).metadata)
-        _append_columns(features, added, schema, paths.labelled_dataset)
-        return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(added.num_rows),
+        return {"stats": stats, "label_params": labels.label_params(cfg.labels), "rows": int(rows),
                 "data_source": _data_source(paths, "features")}
 
     return _timed(go)
 
 
 def _bar_quirks(paths: ArtifactPaths, features: pd.DataFrame) -> Any:
-    """The raw stage's per-bar quirk bits (``bar_flags.parquet``), checked to be the features' rows."""
+    """The raw stage's per-bar quirk bits (``bar_flags.arrow``), checked to be the features' rows."""
     if not paths.bar_flags.is_file():
         raise ValueError(f"{paths.bar_flags}: bar flags of the raw stage are missing; rebuild raw_bars")
     flags = _read_frame(paths.bar_flags, ["timestamp", "quirks"])
@@ -415,27 +432,13 @@ def _bar_quirks(paths: ArtifactPaths, features: pd.DataFrame) -> Any:
     return flags["quirks"].to_numpy()
 
 
-def _append_columns(source: pq.ParquetFile, added: pa.Table, schema: pa.Schema, path: Path) -> None:
-    """Write ``source``'s columns followed by ``added``'s (same rows) to ``path``, one row group at a time.
-
-    The row groups keep the source's boundaries, which are ``pq.write_table``'s (``write_parquet``),
-    so the result is what ``write_parquet`` of the whole concatenated table writes.
-    """
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, **raw_bars.parquet_write_options(schema)) as out:
-        offset = 0
-        for part in raw_bars.iter_row_groups(source):
-            rows = part.num_rows
-            out.write_table(pa.Table.from_arrays([*part.columns, *added.slice(offset, rows).columns], schema=schema))
-            offset += rows
-
-
 # -- stage 4 -------------------------------------------------------------------------------------
 def run_splits(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         cols = ["symbol", "timestamp", "label_eligible", "feature_valid"]
-        df = _read_frame(paths.labelled_dataset, cols)
+        df = labelled_dataset(paths).frame(cols)
         assignment, summary = splits.assign_splits(df, cfg.splits, labels.label_window_bars(cfg.labels))
-        raw_bars.write_parquet(assignment, paths.split_assignment)
+        tables.write_table(assignment, paths.split_assignment)
         write_json_atomic(paths.split_summary, summary)
         return {"summary": summary, "data_source": _data_source(paths, "labels")}
 
@@ -447,7 +450,7 @@ def run_scalers(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         contract = load_contract(paths)
         assignment = _read_frame(paths.split_assignment, ["split"])
-        fitted = scalers.fit_scalers_from_parquet(paths.labelled_dataset, assignment, contract)
+        fitted = scalers.fit_scalers_from_dataset(labelled_dataset(paths), assignment, contract)
         scalers.save_scalers(paths.scalers_dir, fitted)
         return {"info": fitted.info, "feature_contract_hash": contract.hash, "data_source": _data_source(paths, "splits")}
 
@@ -460,8 +463,8 @@ def run_hdf5(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
         contract = load_contract(paths)
         assignment = _read_frame(paths.split_assignment, ["split", "sample_ok"])
         fitted = scalers.load_scalers(paths.scalers_dir, contract.hash)
-        written = hdf5_splits.write_splits_from_parquet(
-            paths.labelled_dataset, assignment, contract, fitted, labels.label_params(cfg.labels), paths.hdf5_dir
+        written = hdf5_splits.write_splits_from_dataset(
+            labelled_dataset(paths), assignment, contract, fitted, labels.label_params(cfg.labels), paths.hdf5_dir
         )
         return {
             "feature_contract_hash": contract.hash,
@@ -511,9 +514,9 @@ UPSTREAMS: dict[str, tuple[str, ...]] = {
     "raw_bars": (),
     "features": ("raw_bars",),
     "labels": ("features", "raw_bars"),
-    "splits": ("labels",),
-    "scalers": ("splits", "labels"),
-    "hdf5_splits": ("scalers", "splits", "labels"),
+    "splits": ("labels", "features"),
+    "scalers": ("splits", "labels", "features"),
+    "hdf5_splits": ("scalers", "splits", "labels", "features"),
     "arrow_cache": ("hdf5_splits",),
 }
 
@@ -550,7 +553,9 @@ def stage_fingerprint(name: str, paths: ArtifactPaths, cfg: DataHalfConfig) -> s
                            ingest=asdict(ingest_config(cfg)), history=minimum_history(cfg), splits=asdict(cfg.splits))
     bars = up(paths.raw_bars_dir, "raw_bars", [paths.bars.name]) if name == "features" else None
     flags = up(paths.raw_bars_dir, "raw_bars", [paths.bar_flags.name]) if name == "labels" else None
-    dataset = (up(paths.labels_dir, "labelled_dataset", [paths.labelled_dataset.name])
+    # the labelled dataset is the features and the labels side by side: both files are read
+    dataset = ({"features": up(paths.features_dir, "features", [paths.features.name]),
+                "labels": up(paths.labels_dir, "labelled_dataset", [paths.labels.name])}
                if name in ("splits", "scalers", "hdf5_splits") else None)
     assignment = (up(paths.splits_dir, "dataset_splits", [paths.split_assignment.name])
                   if name in ("scalers", "hdf5_splits") else None)

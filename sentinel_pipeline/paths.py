@@ -25,7 +25,8 @@ class ArtifactPaths:
     ``data_dir``/raw            the user's landing zone of raw OHLCV files (parquet or CSV); only ever read
     ``data_dir``/synthetic      the embedded synthetic default market, generated here (never into the
                                 landing zone) and used only when the landing zone is empty or absent
-    ``data_dir``/artifacts/...  everything the data half produces, one folder per stage
+    ``data_dir``/artifacts/...  everything the data half produces, one folder per stage; the bar-ordered
+                                tables are Arrow IPC files (``data.tables``)
     ``models_dir``              trained bundles, one directory per bundle
 
     ``staged(stage, directory)`` gives the same layout with one stage's folder moved to ``directory``: a
@@ -69,7 +70,7 @@ class ArtifactPaths:
 
     @property
     def bars(self) -> Path:
-        return self.raw_bars_dir / "bars.parquet"
+        return self.raw_bars_dir / "bars.arrow"
 
     @property
     def quarantine(self) -> Path:
@@ -81,7 +82,7 @@ class ArtifactPaths:
 
     @property
     def bar_flags(self) -> Path:
-        return self.raw_bars_dir / "bar_flags.parquet"
+        return self.raw_bars_dir / "bar_flags.arrow"
 
     # stage 2: features + contract
     @property
@@ -90,7 +91,7 @@ class ArtifactPaths:
 
     @property
     def features(self) -> Path:
-        return self.features_dir / "features.parquet"
+        return self.features_dir / "features.arrow"
 
     # the contract is its own asset (feature_contract), written beside the features: never staged
     @property
@@ -107,8 +108,10 @@ class ArtifactPaths:
         return self.stage_dir("labels")
 
     @property
-    def labelled_dataset(self) -> Path:
-        return self.labels_dir / "dataset.parquet"
+    def labels(self) -> Path:
+        """The label columns (with the ``symbol``/``timestamp`` keys), row for row beside :attr:`features`:
+        the labelled dataset is the two side by side (``data.dataset``)."""
+        return self.labels_dir / "labels.arrow"
 
     # stage 4: splits
     @property
@@ -117,7 +120,7 @@ class ArtifactPaths:
 
     @property
     def split_assignment(self) -> Path:
-        return self.splits_dir / "assignment.parquet"
+        return self.splits_dir / "assignment.arrow"
 
     @property
     def split_summary(self) -> Path:

@@ -48,10 +48,21 @@ class StageInputError(RuntimeError):
     """An upstream stage's outputs cannot be trusted as input (missing, changed, or its last run failed)."""
 
 
+def _digest_key(path: str | Path) -> tuple[str, int, int, int, int]:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember_digest(path: str | Path, digest: str) -> None:
+    """Record ``digest`` as the sha256 of ``path`` as it is now (same key as :func:`file_digest`): for a
+    writer that hashed the bytes while writing them, and for a file renamed after it was hashed (a
+    rename keeps the inode and the bytes but changes the path and ctime)."""
+    _DIGESTS[_digest_key(path)] = digest
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes (streamed; remembered per inode, size and mtime within the process)."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = _digest_key(path)
     if key in _DIGESTS:
         return _DIGESTS[key]
     h = hashlib.sha256()
@@ -179,6 +190,7 @@ def build_stage(
             target = stage_dir / p.relative_to(staging)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(p, target)
+            remember_digest(target, digests[str(p.relative_to(staging))])  # same inode, same bytes
         clear_failure(stage_dir)
         record = {"fingerprint": fp, "outputs": digests, "metadata": _canonical(dict(summary or {})),
                   "finished_at": _now()}

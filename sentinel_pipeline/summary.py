@@ -60,7 +60,7 @@ def _data_source_lines(paths: ArtifactPaths) -> list[str]:
 def summarise(paths: ArtifactPaths) -> list[str]:
     lines = [f"data half ({paths.artifacts}):", *_data_source_lines(paths)]
     for name, stage_dir in (("raw bars", paths.raw_bars_dir), ("features", paths.features_dir),
-                            ("labels", paths.labelled_dataset.parent), ("splits", paths.split_assignment.parent),
+                            ("labels", paths.labels.parent), ("splits", paths.split_assignment.parent),
                             ("scalers", paths.scalers_dir), ("hdf5", paths.hdf5_dir), ("arrow cache", paths.arrow_dir)):
         record = read_record(stage_dir)
         state = f"built {record['finished_at']}" if record else "missing"

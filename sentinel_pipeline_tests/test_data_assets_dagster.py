@@ -17,6 +17,7 @@ import pytest
 
 from sentinel_pipeline.data.raw_bars import RawDataError
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, generate_synthetic_market
+from sentinel_pipeline.data.tables import read_frame, write_table
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings, feature_contract, features, raw_bars
 from sentinel_pipeline.orchestration.settings import PipelineSettings
 from sentinel_pipeline.paths import ArtifactPaths
@@ -95,11 +96,11 @@ def test_features_rebuild_when_the_bars_file_differs_from_its_record(tmp_path):
     paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
     with dg.DagsterInstance.ephemeral() as instance:
         assert _materialize(tmp_path, raw, ["raw_bars", "feature_contract", "features"], instance).success
-        bars = pd.read_parquet(paths.bars)
-        bars.iloc[: len(bars) // 2].to_parquet(paths.bars, index=False)  # replaced behind the record's back
+        bars = read_frame(paths.bars)
+        write_table(bars.iloc[: len(bars) // 2], paths.bars)  # replaced behind the record's back
         stale = _materialize(tmp_path, raw, ["features"], instance)
         assert not stale.success
-        assert "bars.parquet: output of upstream stage 'raw_bars' differs from its record" in _failure(stale)
+        assert "bars.arrow: output of upstream stage 'raw_bars' differs from its record" in _failure(stale)
         rebuilt = _materialize(tmp_path, raw, ["raw_bars", "features"], instance)  # the raw stage repairs it
         assert rebuilt.success and _metadata(rebuilt)["raw_bars"]["reused"] is False
 

@@ -28,6 +28,7 @@ import pytest
 
 from sentinel_pipeline import data_half
 from sentinel_pipeline.data.arrow_cache import cache_matches_source, open_split, samples_path_for
+from sentinel_pipeline.data.dataset import read_dataset
 from sentinel_pipeline.data.hdf5_splits import read_split
 from sentinel_pipeline.data.raw_bars import (
     QUARANTINE_REASONS,
@@ -43,6 +44,7 @@ from sentinel_pipeline.data.synthetic_market import (
     SyntheticMarketConfig,
     generate_synthetic_market,
 )
+from sentinel_pipeline.data.tables import read_frame
 from sentinel_pipeline.data_half import DataHalfConfig, minimum_history, run_data_half
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 from sentinel_pipeline.stage_cache import StageInputError, read_record
@@ -100,18 +102,18 @@ def built(tmp_path_factory: pytest.TempPathFactory, raw_dir: tuple[Path, list[st
 def frames(built: tuple[ArtifactPaths, dict]) -> dict[str, pd.DataFrame]:
     paths, _ = built
     return {
-        "bars": pd.read_parquet(paths.bars),
+        "bars": read_frame(paths.bars),
         "quarantine": pd.read_parquet(paths.quarantine),
-        "features": pd.read_parquet(paths.features),
-        "dataset": pd.read_parquet(paths.labelled_dataset),
-        "assignment": pd.read_parquet(paths.split_assignment),
+        "features": read_frame(paths.features),
+        "dataset": read_dataset(paths.features, paths.labels),
+        "assignment": read_frame(paths.split_assignment),
     }
 
 
 def _artefacts(paths: ArtifactPaths) -> list[Path]:
     files = [
         paths.bars, paths.quarantine, paths.quality_report, paths.bar_flags, paths.feature_contract, paths.feature_schema,
-        paths.features, paths.labelled_dataset, paths.split_assignment, paths.split_summary,
+        paths.features, paths.labels, paths.split_assignment, paths.split_summary,
         paths.seq_scaler, paths.snap_scaler, paths.scalers_info,
     ]
     for s in SPLITS:
@@ -268,8 +270,8 @@ def test_rerun_on_the_same_inputs_is_deterministic(built, raw_dir, tmp_path):
     paths, _ = built
     again, _ = _run(tmp_path / "again", raw_dir[0])
     assert _checksums(again) == _checksums(paths)
-    for name in ("bars", "features", "labelled_dataset", "split_assignment"):
-        pd.testing.assert_frame_equal(pd.read_parquet(getattr(again, name)), pd.read_parquet(getattr(paths, name)))
+    for name in ("bars", "features", "labels", "split_assignment"):
+        pd.testing.assert_frame_equal(read_frame(getattr(again, name)), read_frame(getattr(paths, name)))
     assert again.scalers_info.read_text() == paths.scalers_info.read_text()
 
 
@@ -305,7 +307,7 @@ def test_empty_landing_zone_uses_the_synthetic_default_from_its_own_folder_and_s
     # the user's landing zone is never written to
     assert (sorted(p.name for p in paths.raw_dir.iterdir()) == [".gitkeep"]) if landing_zone == "empty" \
         else not paths.raw_dir.exists()
-    pd.testing.assert_frame_equal(pd.read_parquet(paths.bars), generate_synthetic_market(MARKET), check_dtype=False)
+    pd.testing.assert_frame_equal(read_frame(paths.bars), generate_synthetic_market(MARKET), check_dtype=False)
     assert all(p.is_file() for p in _artefacts(paths))
     # "synthetic" everywhere: logs, the quality report, every stage's summary and record
     assert logs[0].startswith("[data] SYNTHETIC DATA") and all("synthetic" in line.lower() for line in logs)
@@ -332,7 +334,7 @@ def test_a_csv_alone_in_the_landing_zone_is_ingested_and_nothing_is_written_besi
     paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
     results = run_data_half(paths, CONFIG, log=lambda _msg: None)
     assert results["raw_bars"]["input_files"] == [str(raw / "bars.csv")] and results["raw_bars"]["synthetic"] is False
-    pd.testing.assert_frame_equal(pd.read_parquet(paths.bars), market, check_dtype=False)
+    pd.testing.assert_frame_equal(read_frame(paths.bars), market, check_dtype=False)
     assert {p.name: p.read_bytes() for p in raw.iterdir()} == before  # the landing zone only read
     assert not paths.synthetic_dir.exists() and not any("synthetic" in p.name for p in tmp_path.rglob("*"))
 
@@ -424,7 +426,7 @@ def test_a_50_bar_symbol_among_healthy_ones_is_quarantined_and_accounted_for(tmp
     assert report["quarantine_by_reason"]["short_history"] == 50 and report["short_history_symbols"] == {"NEWCO": 50}
     q = pd.read_parquet(paths.quarantine)
     assert set(q.loc[q["source_file"] == str(raw / "newco.parquet"), "reason"]) == {"short_history"}
-    assert "NEWCO" not in set(pd.read_parquet(paths.bars, columns=["symbol"])["symbol"])
+    assert "NEWCO" not in set(read_frame(paths.bars, ["symbol"])["symbol"])
     assert all(results["raw_bars"]["report"]["max_samples_per_split"][s] > 0 for s in SPLITS)
 
 
@@ -441,7 +443,7 @@ def test_naive_timestamps_are_refused_then_localised_with_the_cli_flag(tmp_path,
     monkeypatch.setenv("SENTINEL_SOURCE_TZ", "America/New_York")
     assert data_half.main(["--data-dir", str(tmp_path / "b"), "--raw-dir", str(raw)]) == 0
     b = ArtifactPaths(data_dir=tmp_path / "b", raw_dir_override=raw)
-    pd.testing.assert_frame_equal(pd.read_parquet(b.bars), market, check_dtype=False)  # back to the UTC instants
+    pd.testing.assert_frame_equal(read_frame(b.bars), market, check_dtype=False)  # back to the UTC instants
     report = json.loads(b.quality_report.read_text())
     assert report["source_timezone"] == "America/New_York" and report["n_tz_naive_rows"] == len(market)
     assert report["files"][0]["timezone"] == "naive, localised from America/New_York"
@@ -523,16 +525,16 @@ def test_an_upstream_output_changed_after_its_record_is_refused(tmp_path, built)
     shutil.copytree(paths.artifacts, copy.artifacts)
     fp = data_half.stage_fingerprint("labels", copy, CONFIG)
     assert data_half.stage_fingerprint("labels", copy, CONFIG) == fp
-    # bars.parquet replaced behind the raw stage's back (a half-finished or manual write): refused
+    # bars.arrow replaced behind the raw stage's back (a half-finished or manual write): refused
     good = copy.bars.read_bytes()
-    pd.read_parquet(copy.bars).iloc[:-1].to_parquet(copy.bars, index=False)
-    with pytest.raises(StageInputError, match=r"bars\.parquet: output of upstream stage 'raw_bars' differs"):
+    read_frame(copy.bars).iloc[:-1].to_parquet(copy.bars, index=False)
+    with pytest.raises(StageInputError, match=r"bars\.arrow: output of upstream stage 'raw_bars' differs"):
         data_half.stage_fingerprint("features", copy, CONFIG)
     copy.bars.write_bytes(good)
     assert data_half.stage_fingerprint("labels", copy, CONFIG) == fp
-    # features.parquet edited: the labels stage refuses it too (its record no longer matches)
+    # features.arrow edited: the labels stage refuses it too (its record no longer matches)
     (copy.features).write_bytes(copy.features.read_bytes() + b"x")
-    with pytest.raises(StageInputError, match=r"features\.parquet: output of upstream stage 'features' differs"):
+    with pytest.raises(StageInputError, match=r"features\.arrow: output of upstream stage 'features' differs"):
         data_half.stage_fingerprint("labels", copy, CONFIG)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentinel_pipeline.data.dataset import read_dataset
 from sentinel_pipeline.data.features import build_contract, daily_feature_config
 from sentinel_pipeline.data.labels import daily_label_config, label_window_bars
 from sentinel_pipeline.data.raw_bars import RawDataError
@@ -89,7 +90,7 @@ def test_the_daily_contract_runs_end_to_end(file_run) -> None:
     paths, results = file_run
     contract = build_contract(CFG.features)
     assert results["feature_contract"]["feature_contract_hash"] == contract.hash
-    ds = pd.read_parquet(paths.labelled_dataset)
+    ds = read_dataset(paths.features, paths.labels)
     assert "hour_bucket" not in ds.columns and "session_bar" not in ds.columns
     assert {"month", "weekday", "xs_rank_ret_20", "xs_rank_ret_60", "xs_rank_rv_20", "xs_rank_vol_z_20"} <= set(ds)
     valid = ds["feature_valid"].to_numpy()

@@ -16,8 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sentinel_pipeline.data.dataset import read_dataset
 from sentinel_pipeline.data.features import build_contract, compute_features
 from sentinel_pipeline.data.raw_bars import QUARANTINE_REASONS
+from sentinel_pipeline.data.tables import read_frame
 from sentinel_pipeline.data_half import panel_config, run_data_half
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 
@@ -56,7 +58,7 @@ def test_one_file_in_every_row_accounted_for(run):
 def test_daily_contract_on_real_bars(run):
     _, paths, results = run
     contract = build_contract(CFG.features)
-    ds = pd.read_parquet(paths.labelled_dataset)
+    ds = read_dataset(paths.features, paths.labels)
     assert "hour_bucket" not in ds.columns and "session_bar" not in ds.columns
     assert contract.names("ctx_cat")[:2] == ["weekday", "month"]
     np.testing.assert_array_equal(ds["month"].to_numpy(), ds["timestamp"].dt.month.to_numpy() - 1)
@@ -79,7 +81,7 @@ def test_daily_contract_on_real_bars(run):
 
 def test_features_of_a_date_prefix_are_the_prefix_of_the_features(run):
     _, paths, _ = run
-    bars = pd.read_parquet(paths.bars)
+    bars = read_frame(paths.bars)
     full = compute_features(bars, CFG.features)
     cut = np.sort(bars["timestamp"].unique())[700]
     keep = (bars["timestamp"] <= cut).to_numpy()

@@ -21,9 +21,11 @@ import pandas as pd
 import pytest
 
 from sentinel_pipeline.data.arrow_cache import cache_matches_source, open_split
+from sentinel_pipeline.data.dataset import read_dataset
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.data.labels import label_window_bars
 from sentinel_pipeline.data.raw_bars import QUARANTINE_REASONS, RAW_COLUMNS
+from sentinel_pipeline.data.tables import read_frame
 from sentinel_pipeline.data_half import DataHalfConfig, run_data_half
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 
@@ -53,7 +55,7 @@ def run(request: pytest.FixtureRequest, shared_data_dir: Path, tmp_path_factory:
 def test_every_raw_row_is_a_bar_or_quarantined_with_a_reason(run):
     source, paths, results, _ = run
     raw = pd.read_parquet(source)
-    bars = pd.read_parquet(paths.bars)
+    bars = read_frame(paths.bars)
     q = pd.read_parquet(paths.quarantine)
     report = json.loads(paths.quality_report.read_text())
     assert len(raw) == report["n_rows_in"] == len(bars) + len(q)
@@ -75,8 +77,8 @@ def test_labelled_dataset_is_sane(run):
     _, paths, results, _ = run
     cols = ["symbol", "timestamp", "feature_valid", "label_eligible", "tb_label", "tb_return_atr", "early_move",
             "atr", "volume"]
-    ds = pd.read_parquet(paths.labelled_dataset, columns=cols)
-    assert len(ds) == len(pd.read_parquet(paths.bars, columns=["symbol"]))
+    ds = read_dataset(paths.features, paths.labels, cols)
+    assert len(ds) == len(read_frame(paths.bars, ["symbol"]))
     stats = results["labels"]["stats"]
     eligible = ds["label_eligible"].to_numpy()
     # ineligible rows: per symbol the last LABEL_WINDOW bars, plus bars without a usable ATR
@@ -97,8 +99,8 @@ def test_labelled_dataset_is_sane(run):
 
 def test_splits_are_chronological_and_purged(run):
     _, paths, results, _ = run
-    ds = pd.read_parquet(paths.labelled_dataset, columns=["symbol", "timestamp"])
-    a = pd.read_parquet(paths.split_assignment)
+    ds = read_dataset(paths.features, paths.labels, ["symbol", "timestamp"])
+    a = read_frame(paths.split_assignment)
     summary = results["splits"]["summary"]
     val_start, test_start = (pd.Timestamp(summary["cuts"][k]) for k in ("val_start", "test_start"))
     split = a["split"].to_numpy()
@@ -172,8 +174,8 @@ def test_labels_are_protected_from_flagged_quirks_and_bounded(run):
     source, paths, results, _ = run
     report = json.loads(paths.quality_report.read_text())
     assert "bar_quality" in report
-    flags = pd.read_parquet(paths.bar_flags)
-    ds = pd.read_parquet(paths.labelled_dataset, columns=["symbol", "timestamp", "label_eligible", "early_move",
+    flags = read_frame(paths.bar_flags)
+    ds = read_dataset(paths.features, paths.labels, ["symbol", "timestamp", "label_eligible", "early_move",
                                                           "mfe_6", "mae_6", "tb_return_atr", "label_quirks"])
     assert len(flags) == len(ds) and (flags["timestamp"] == ds["timestamp"]).all()
     elig = ds["label_eligible"].to_numpy()

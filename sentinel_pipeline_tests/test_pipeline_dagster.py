@@ -637,7 +637,7 @@ def test_two_concurrent_data_half_runs_do_not_corrupt_each_other(built: Built, t
         _assert_same_stage(
             getattr(shared.paths, name), getattr(single.paths, name), shared.root, built.home.root
         )
-    for name in ("labelled_dataset", "split_assignment"):
+    for name in ("labels", "split_assignment"):
         _assert_same_stage(
             getattr(shared.paths, name).parent,
             getattr(single.paths, name).parent,

@@ -9,12 +9,14 @@ import pickle
 import joblib
 import numpy as np
 import pytest
+from sklearn.preprocessing import RobustScaler
 
 from sentinel_pipeline.data.feature_contract import ContractError
 from sentinel_pipeline.data.scalers import (
     ClippedRobustScaler,
     fit_scalers,
     load_scalers,
+    robust_parameters,
     save_scalers,
     transform_filled,
 )
@@ -161,3 +163,22 @@ def test_no_train_rows_rejected(data):
     no_train = assignment.assign(split="val")
     with pytest.raises(ValueError, match="no train rows"):
         fit_scalers(dataset, no_train, contract)
+
+
+@pytest.mark.parametrize("n", [1, 2, 599, 600, 601, 602, 1001, 4096, 20001])
+@pytest.mark.parametrize("quantile_range", [(25.0, 75.0), (10.0, 90.0), (0.0, 100.0), (33.3, 66.7)])
+def test_one_pass_parameters_are_robust_scalers_bit_for_bit(n: int, quantile_range: tuple[float, float]) -> None:
+    """``robust_parameters`` (one selection pass per column) equals ``RobustScaler.fit`` exactly: centre and
+    scale, on fat tails, ties, constant and near-constant columns, and zeros of both signs."""
+    rng = np.random.default_rng(n)
+    X = np.column_stack([
+        rng.standard_t(3, n), rng.integers(-3, 3, n).astype(float), np.full(n, 2.5), rng.normal(size=n) * 1e-12,
+        np.round(rng.normal(size=n), 1), rng.lognormal(size=n), -np.zeros(n), rng.choice([0.0, -0.0, 1e-300], n),
+        rng.choice([0.0, -0.0, 1.0, -1.0], n),
+    ])
+    ref = RobustScaler(quantile_range=quantile_range).fit(X)
+    center, scale = robust_parameters(X, quantile_range)
+    assert np.array_equal(center, ref.center_) and np.array_equal(np.signbit(center), np.signbit(ref.center_))
+    assert np.array_equal(scale, ref.scale_)
+    fitted = ClippedRobustScaler(quantile_range=quantile_range).fit(np.asfortranarray(X))
+    assert np.array_equal(fitted.center_, ref.center_) and np.array_equal(fitted.scale_, ref.scale_)

@@ -46,7 +46,9 @@ from sentinel_pipeline.data.hdf5_splits import (
     split_attrs,
 )
 from sentinel_pipeline.data.split_arrays import ARRAY_DTYPES, SplitArrays, content_checksum
+from sentinel_pipeline.data.tables import write_ipc
 from sentinel_pipeline.paths import arrow_cache_for
+from sentinel_pipeline.stage_cache import remember_digest
 
 MATRICES: tuple[str, ...] = ("seq", "snap", "ctx_cat", "ctx_cont", "targets")
 VECTORS: tuple[str, ...] = ("tb_label", "symbol_idx", "timestamp")
@@ -78,10 +80,10 @@ def _decode_meta(path: Path, raw: dict[bytes, bytes] | None) -> dict[str, Any]:
     return meta
 
 
-def _write_ipc(tmp: Path, table: pa.Table) -> None:
-    with pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, table.schema) as writer:  # default options: no compression
-            writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+def _write_ipc(tmp: Path, table: pa.Table) -> str:
+    """Write one record batch, uncompressed; returns the file's sha256 (hashed while written, so the stage
+    commit does not read the file again: ``stage_cache.remember_digest``)."""
+    return write_ipc(table, tmp)
 
 
 def _build(h5_path: Path, arrow_path: Path) -> tuple[SplitArrays, str]:
@@ -115,12 +117,15 @@ def _build(h5_path: Path, arrow_path: Path) -> tuple[SplitArrays, str]:
         side_meta = {k: meta[k] for k in ("format", "feature_contract_hash", "split", "source_content_checksum", "n_samples")}
         side_meta["shapes"] = {SAMPLES_COLUMN: meta["shapes"][SAMPLES_COLUMN]}
         samples = pa.table({SAMPLES_COLUMN: pa.array(split.sample_end_rows)})
-        with atomic_path(arrow_path) as main_tmp, atomic_path(samples_path_for(arrow_path)) as side_tmp:
-            _write_ipc(main_tmp, main)
-            _write_ipc(side_tmp, samples.replace_schema_metadata(_encode_meta(side_meta)))
+        side_path = samples_path_for(arrow_path)
+        with atomic_path(arrow_path) as main_tmp, atomic_path(side_path) as side_tmp:
+            digests = {arrow_path: _write_ipc(main_tmp, main),
+                       side_path: _write_ipc(side_tmp, samples.replace_schema_metadata(_encode_meta(side_meta)))}
             found = checksum.result()
             if found != source_checksum:  # nothing is renamed into place
                 raise SplitFileError(f"{h5_path}: content checksum {found} != stored {source_checksum}")
+        for path, digest in digests.items():
+            remember_digest(path, digest)
     return split, found
 
 

@@ -21,8 +21,8 @@ File attributes: ``feature_contract_hash``, ``feature_names`` (JSON {group: [nam
 the split's own bars, "" when empty), ``n_samples``, plus ``format``, ``n_rows``, ``n_warmup_rows``.
 
 Writers: :func:`write_splits` builds the files from an in-memory dataset one split at a time;
-:func:`write_splits_from_parquet` writes the same files straight from the labelled parquet in row
-chunks (what the pipeline uses: neither the dataset nor a split is ever whole in memory). Readers:
+:func:`write_splits_from_dataset` writes the same files straight from the labelled dataset on disk in
+row chunks (what the pipeline uses: neither the dataset nor a split is ever whole in memory). Readers:
 :func:`read_split` copies a file into memory, :func:`map_split` views it in place (``mmap``).
 
 Layout decision: datasets are **contiguous and uncompressed**. Training reads a whole split at once;
@@ -47,12 +47,10 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sentinel_pipeline.atomic_io import atomic_path
+from sentinel_pipeline.data.dataset import LabelledDataset
 from sentinel_pipeline.data.feature_contract import FEATURE_GROUPS, ContractError, FeatureContract
-from sentinel_pipeline.data.raw_bars import iter_row_groups, read_parquet
 from sentinel_pipeline.data.scalers import FittedScalers, transform_filled_inplace
 from sentinel_pipeline.data.split_arrays import (
     ARRAY_DTYPES,
@@ -452,30 +450,26 @@ def write_splits(
     }
 
 
-def write_splits_from_parquet(
-    dataset_path: str | Path,
+def write_splits_from_dataset(
+    dataset: LabelledDataset,
     assignment: pd.DataFrame,
     contract: FeatureContract,
     scalers: FittedScalers,
     label_params: Mapping[str, Any] | Any,
     out_dir: str | Path,
 ) -> dict[str, Path]:
-    """:func:`write_splits` for a labelled dataset stored as parquet: the same files, written in row
-    chunks straight from the parquet row groups, so neither the dataset nor a split is ever whole in
-    memory (only the ``INDEX_COLUMNS`` and one row group). Each matrix is written in one pass over the
-    row groups (reading only its columns) for all three files, so every file's content checksum is
-    computed as its bytes are written, in file order. ``assignment`` needs ``split`` and ``sample_ok``."""
-    dataset_path, out_dir = Path(dataset_path), Path(out_dir)
+    """:func:`write_splits` for the labelled dataset on disk (features + labels side by side): the same
+    files, written in row chunks from the memory-mapped columns, so neither the dataset nor a split is
+    ever whole in memory (only the ``INDEX_COLUMNS`` and the columns of one matrix, mapped). Each matrix is
+    written in one pass for all three files, so every file's content checksum is computed as its bytes
+    are written, in file order. ``assignment`` needs ``split`` and ``sample_ok``. Errors name the
+    features file."""
+    out_dir = Path(out_dir)
+    index = dataset.frame([c for c in INDEX_COLUMNS if c in dataset.names])
     try:
-        source = pq.ParquetFile(dataset_path, memory_map=True)
-    except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{dataset_path}: not a readable parquet file: {exc}") from exc
-    columns = source.schema_arrow.names
-    index = read_parquet(dataset_path, [c for c in INDEX_COLUMNS if c in columns])
-    try:
-        plan = _plan(index, columns, source.metadata.num_rows, assignment, contract, scalers, label_params)
+        plan = _plan(index, dataset.names, dataset.num_rows, assignment, contract, scalers, label_params)
     except ValueError as exc:  # ContractError included: same type, message names the file
-        raise type(exc)(f"{dataset_path}: {exc}") from exc
+        raise type(exc)(f"{dataset.features_path}: {exc}") from exc
     del index
     paths = {split: out_dir / f"{split}.h5" for split in SPLITS}
     with contextlib.ExitStack() as stack:
@@ -487,12 +481,11 @@ def write_splits_from_parquet(
             names = plan.column_names(name)
             for writer in writers.values():
                 writer.begin_matrix(name)
-            offset = 0
-            for part in iter_row_groups(source, names) if names else ():
-                block = {c: part.column(c).to_numpy() for c in names}  # nulls -> NaN, as pandas reads them
+            if names:
+                block = dataset.columns(names)  # nulls -> NaN, as pandas reads them
                 for writer in writers.values():
-                    writer.add_rows(offset, block)
-                offset += part.num_rows
+                    writer.add_rows(0, block)
+                del block  # unmaps the columns' pages
             for writer in writers.values():
                 writer.end_matrix()
         for writer in writers.values():

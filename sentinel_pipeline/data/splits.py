@@ -133,6 +133,16 @@ def _split_names(split_code: np.ndarray) -> pd.Series:
     return pd.Series(pd.array(names.cast(pa.large_string()), dtype="str"))
 
 
+def distinct_sorted(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` for an integer array, by sorting: NumPy 2's hash-based ``np.unique`` took
+    1.5 s on 10M timestamps, a sort and a neighbour comparison take 0.1 s (same result)."""
+    s = np.sort(values)
+    keep = np.empty(s.size, dtype=bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def _symbol_ends(codes: np.ndarray) -> np.ndarray:
     """Per row, the exclusive end row of its symbol's contiguous block."""
     n = codes.shape[0]
@@ -170,7 +180,7 @@ def assign_splits(
         df["feature_valid"].to_numpy(dtype=bool) if "feature_valid" in df.columns else np.ones(n, bool)
     )
 
-    unique_ts = np.unique(ts)
+    unique_ts = distinct_sorted(ts)
     i1, i2 = _cut_indices(unique_ts, config)
     rank = np.searchsorted(unique_ts, ts)  # index of each row's timestamp among the distinct ones
     split_code = (rank >= i1).astype(np.int8) + (rank >= i2).astype(np.int8)
@@ -256,7 +266,7 @@ def purge_violations(
     split_code = pd.Categorical(assignment["split"], categories=SPLIT_NAMES).codes.astype(np.int64)
     sample = assignment["sample_ok"].to_numpy(dtype=bool)
     n = len(df)
-    unique_ts = np.unique(ts)
+    unique_ts = distinct_sorted(ts)
     rank = np.searchsorted(unique_ts, ts)
 
     later = np.arange(n) + int(label_window)

@@ -37,7 +37,7 @@ Files of the stage folder (``<artifacts>/symbol_graph``):
   ("correlation" | "sector"), ``as_of`` timestamp[ns, UTC] (the last date whose returns the edge used;
   the static graph: the train window's last timestamp), ``corr`` float32 (signed; NaN for sector edges).
 - ``node_features.parquet``: one row per bar (date and symbol) of the labelled dataset; the node inputs
-  are *referenced*, not copied: ``row`` (row of ``features.parquet``/``dataset.parquet``), ``split`` and
+  are *referenced*, not copied: ``row`` (row of ``features.arrow``/``labels.arrow``), ``split`` and
   ``split_row`` (row of that split's HDF5/Arrow arrays, which hold the scaled contract features; -1 for
   none), ``eligible`` (the split row is a sample end: a node of the day batches), ``symbol_idx`` (index into the splits' ``symbols``), ``degree`` (in-degree in the
   version in force that day), ``version`` (-1: none), ``sector`` (code into ``graph.json``'s sector list,
@@ -68,7 +68,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sentinel_pipeline.atomic_io import atomic_path, write_json_atomic
-from sentinel_pipeline.data import raw_bars
+from sentinel_pipeline.data import raw_bars, tables
+from sentinel_pipeline.data.dataset import LabelledDataset
 from sentinel_pipeline.data.feature_contract import ContractError, read_contract
 from sentinel_pipeline.paths import SPLITS, ArtifactPaths
 from sentinel_pipeline.stage_cache import (
@@ -486,14 +487,15 @@ def strongest_clusters(edges: EdgeSet, symbols: list[str], sector_codes: np.ndar
 def _read_inputs(paths: ArtifactPaths, cfg: GraphConfig) -> pd.DataFrame:
     """symbol, timestamp, the return source column and split of every dataset row."""
     source = "close" if cfg.returns == "log_close" else cfg.returns
-    dataset = paths.labelled_dataset
-    if not dataset.is_file():
-        raise StageInputError(f"{dataset}: the labelled dataset is missing; materialise 'labelled_dataset' first")
-    names = pq.ParquetFile(dataset).schema_arrow.names
-    if source not in names:
-        raise ValueError(f"{dataset}: has no column {source!r} for the graph's returns (GraphConfig.returns)")
-    frame = raw_bars.read_parquet(dataset, ["symbol", "timestamp", source])
-    assignment = raw_bars.read_parquet(paths.split_assignment, ["split"])
+    dataset = paths.labels
+    for needed in (paths.features, paths.labels):
+        if not needed.is_file():
+            raise StageInputError(f"{needed}: the labelled dataset is missing; materialise 'labelled_dataset' first")
+    table = LabelledDataset(paths.features, paths.labels)
+    if source not in table.names:
+        raise ValueError(f"{paths.features}: has no column {source!r} for the graph's returns (GraphConfig.returns)")
+    frame = table.frame(["symbol", "timestamp", source])
+    assignment = tables.read_frame(paths.split_assignment, ["split"])
     if len(assignment) != len(frame):
         raise ValueError(f"{paths.split_assignment}: {len(assignment)} rows, the dataset {dataset} has {len(frame)}")
     frame["split"] = assignment["split"].to_numpy()
@@ -660,7 +662,8 @@ def graph_fingerprint(paths: ArtifactPaths, cfg: GraphConfig) -> str:
         stage="symbol_graph",
         params=cfg.params(sector),
         contract=file_digest(paths.feature_contract),
-        labels=upstream_state(paths.labels_dir, "labelled_dataset", [paths.labelled_dataset.name]),
+        features=upstream_state(paths.features_dir, "features", [paths.features.name]),
+        labels=upstream_state(paths.labels_dir, "labelled_dataset", [paths.labels.name]),
         splits=upstream_state(paths.splits_dir, "dataset_splits", [paths.split_assignment.name]),
         hdf5=upstream_state(paths.hdf5_dir, "hdf5_splits", [paths.h5(s).name for s in SPLITS]),
     )

@@ -195,7 +195,7 @@ def _paths(settings: PipelineSettings) -> ArtifactPaths:
 
 
 # -- 1. raw bars -------------------------------------------------------------------------------------
-@dg.asset(group_name="ingest", kinds={"parquet"}, pool=WRITE_POOL)
+@dg.asset(group_name="ingest", kinds={"arrow"}, pool=WRITE_POOL)
 def raw_bars(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Every raw OHLCV parquet/CSV file of the landing zone (or, when it is empty, the synthetic default
     market from its own folder, and then said so), validated; bad rows quarantined with a reason."""
@@ -295,7 +295,7 @@ def feature_contract(settings: PipelineSettings, data_settings: DataHalfSettings
     )
 
 
-@dg.asset(group_name="features", deps=[raw_bars, feature_contract], kinds={"parquet"}, pool=WRITE_POOL)
+@dg.asset(group_name="features", deps=[raw_bars, feature_contract], kinds={"arrow"}, pool=WRITE_POOL)
 def features(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Causal per-symbol features in the seq / snap / ctx_cat / ctx_cont groups of the contract."""
     paths, cfg = _paths(settings), data_settings.to_config()
@@ -315,7 +315,7 @@ def features(context: dg.AssetExecutionContext, settings: PipelineSettings, data
 
 
 # -- 3. labels -------------------------------------------------------------------------------------------
-@dg.asset(group_name="labels", deps=[features], kinds={"parquet", "numba"}, pool=WRITE_POOL)
+@dg.asset(group_name="labels", deps=[features], kinds={"arrow", "numba"}, pool=WRITE_POOL)
 def labelled_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Triple-barrier labels, forward returns and entry-quality targets per bar."""
     paths, cfg = _paths(settings), data_settings.to_config()
@@ -354,7 +354,7 @@ def label_quirk_metadata(st: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- 4. splits -------------------------------------------------------------------------------------------
-@dg.asset(group_name="splits", deps=[labelled_dataset], kinds={"parquet"}, pool=WRITE_POOL)
+@dg.asset(group_name="splits", deps=[labelled_dataset], kinds={"arrow"}, pool=WRITE_POOL)
 def dataset_splits(context: dg.AssetExecutionContext, settings: PipelineSettings, data_settings: DataHalfSettings):
     """Chronological train/val/test by global cut points, purged by the label window and embargoed."""
     paths, cfg = _paths(settings), data_settings.to_config()

@@ -10,6 +10,8 @@ import pandas as pd
 from sentinel_pipeline.data import arrow_cache as arrow_mod
 from sentinel_pipeline.data import labels as labels_mod
 from sentinel_pipeline.data import splits as splits_mod
+from sentinel_pipeline.data import tables
+from sentinel_pipeline.data.dataset import read_dataset
 from sentinel_pipeline.orchestration.data_assets import (
     DataHalfSettings,
     arrow_cache,
@@ -32,7 +34,7 @@ MAX_CLASS_FRACTION = 0.95
 def raw_data_quality(settings: PipelineSettings, data_settings: DataHalfSettings) -> dg.AssetCheckResult:
     paths = settings.paths()
     report = json.loads(paths.quality_report.read_text())
-    bars = pd.read_parquet(paths.bars)
+    bars = tables.read_frame(paths.bars)
     limit = data_settings.max_quarantine_fraction
     keys_sorted = _sorted_fast(bars)
     unique = not bars.duplicated(["symbol", "timestamp"]).any()
@@ -68,7 +70,7 @@ def _sorted_fast(bars: pd.DataFrame) -> bool:
                 "of the most its symbols' lengths allow; no fixed ceiling) and no triple-barrier class degenerate.")
 def label_balance_sanity(settings: PipelineSettings, data_settings: DataHalfSettings) -> dg.AssetCheckResult:
     paths = settings.paths()
-    df = pd.read_parquet(paths.labelled_dataset, columns=["symbol", "tb_label", "label_eligible"])
+    df = read_dataset(paths.features, paths.labels, ["symbol", "tb_label", "label_eligible"])
     elig = df["label_eligible"].to_numpy()
     rate = float(elig.mean()) if len(elig) else 0.0
     # every symbol's last label window has no label: the most the data allows
@@ -91,8 +93,8 @@ def label_balance_sanity(settings: PipelineSettings, data_settings: DataHalfSett
 def split_purge(settings: PipelineSettings, data_settings: DataHalfSettings) -> dg.AssetCheckResult:
     paths = settings.paths()
     cfg = data_settings.to_config()
-    df = pd.read_parquet(paths.labelled_dataset, columns=["symbol", "timestamp"])
-    assignment = pd.read_parquet(paths.split_assignment)
+    df = read_dataset(paths.features, paths.labels, ["symbol", "timestamp"])
+    assignment = tables.read_frame(paths.split_assignment)
     result = splits_mod.purge_violations(df, assignment, labels_mod.label_window_bars(cfg.labels), cfg.splits.embargo_bars)
     passed = result["n_violations"] == 0
     return dg.AssetCheckResult(

@@ -20,6 +20,7 @@ import pandas as pd
 
 from sentinel_pipeline.atomic_io import atomic_path
 from sentinel_pipeline.bundles import BundleError, list_bundles, load_bundle, write_record
+from sentinel_pipeline.data import tables
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.locking import bundle_lock
 from sentinel_pipeline.orchestration.bundle_checks import (
@@ -145,7 +146,7 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
                     previous = load_bundle(prev_path)
                 except BundleError as exc:
                     context.log.warning(f"previous bundle {prev_path.name} cannot be loaded: {exc}")
-            bars = pd.read_parquet(paths.bars)
+            bars = tables.read_frame(paths.bars)
             comparison = replay_comparison(current, previous, bars, config.to_replay_config())
             out = replay_dir(paths, variant)
             files = write_replay_outputs(comparison, out)
@@ -192,7 +193,7 @@ def build_parity_check(variant: str) -> dg.AssetChecksDefinition:
         replayed = pd.read_parquet(replay_dir(paths, variant) / "replay_features.parquet")
         contract = read_contract(paths.feature_contract)
         cols = ["symbol", "timestamp", *contract.all_names]
-        dataset = pd.read_parquet(paths.features, columns=cols)
+        dataset = tables.read_frame(paths.features, cols)
         result = feature_parity(replayed, dataset, columns=contract.all_names)
         worst = result.get("worst") or {}
         return dg.AssetCheckResult(

@@ -74,7 +74,7 @@ class ReplayResult:
     ``bars``: one row per window bar in (symbol, timestamp) order: ``symbol, timestamp, signal`` (NaN
     without a decision), ``decided``, ``atr``, ``feature_valid``, then every contract feature as the
     model saw it (seq/snap scaled, ctx_cat codes, ctx_cont). ``raw_features``: the same rows with the
-    unscaled features as computed at their step (the form of ``features.parquet``).
+    unscaled features as computed at their step (the form of ``features.arrow``).
     """
 
     bars: pd.DataFrame
@@ -322,7 +322,7 @@ def feature_parity(
 
     Rows are matched on ``(symbol, timestamp)``; ``columns`` defaults to the columns both frames share
     other than the keys and replay bookkeeping (``signal``, ``decided``). Compare like with like:
-    ``ReplayResult.raw_features`` with ``features.parquet``/the labelled dataset, or
+    ``ReplayResult.raw_features`` with ``features.arrow``/the labelled dataset, or
     ``ReplayResult.bars`` with :func:`scaled_feature_frame` of the dataset. Both NaN counts as equal.
     Returns ``max_abs_diff``, ``n_compared`` (matched rows × columns), ``n_rows``, ``n_columns``,
     ``n_mismatched`` (cells beyond ``atol``), ``worst`` (column, symbol, timestamp of the largest
