@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -101,15 +102,18 @@ def _copy_file(zf: zipfile.ZipFile, bundle_dir: Path, name: str, entry: object) 
     except (KeyError, TypeError, ValueError) as exc:
         raise PackageError(f"{bundle_dir}: malformed manifest entry for {name}: {entry!r}") from exc
     h, n = hashlib.sha256(), 0
-    try:
-        fd = os.open(bundle_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
+    try:  # no symlink followed, no FIFO waited on (a file swapped after the trust checks)
+        fd = os.open(bundle_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise PackageError(f"{bundle_dir}: {name}: cannot be read: {exc}") from exc
-    with os.fdopen(fd, "rb") as src, zf.open(_member(name, size), "w") as dst:
-        while block := src.read(_CHUNK):
-            h.update(block)
-            n += len(block)
-            dst.write(block)
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise PackageError(f"{bundle_dir}: {name}: not a regular file: not packaged")
+        with zf.open(_member(name, size), "w") as dst:
+            while block := src.read(_CHUNK):
+                h.update(block)
+                n += len(block)
+                dst.write(block)
     if (n, h.hexdigest()) != (size, digest):
         raise PackageError(f"{bundle_dir}: {name} changed while it was packaged (size {n}, sha256 {h.hexdigest()}; "
                            f"manifest: {size}, {digest}): not packaged")

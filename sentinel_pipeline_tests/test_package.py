@@ -178,6 +178,17 @@ def test_an_extra_file_or_a_symlink_in_the_bundle_is_not_packaged(bundle: Path, 
         package_bundle(bundle)
 
 
+def test_a_file_changed_after_the_trust_checks_aborts_the_write(bundle: Path, monkeypatch) -> None:
+    """The race: the checks passed, then a file changed. Each file is hashed as it is copied in."""
+    import sentinel_pipeline.bundles as bundles
+
+    monkeypatch.setattr(bundles, "trusted_bundle_problems", lambda *a, **k: [])  # the checks ran "before"
+    (bundle / "metrics.json").write_text('{"swapped": true}')
+    with pytest.raises(PackageError, match="metrics.json changed while it was packaged"):
+        package_bundle(bundle)
+    assert not default_archive_path(bundle).parent.exists() or not any(default_archive_path(bundle).parent.iterdir())
+
+
 def test_packaging_requires_the_verified_manifest_when_given(bundle: Path) -> None:
     with pytest.raises(PackageError, match="not the verified manifest"):
         package_bundle(bundle, verified_manifest_sha256="0" * 64)
