@@ -131,14 +131,25 @@ def package_bundle(
 ) -> PackagedBundle:
     """Write ``model_final.zip`` of a trusted bundle (module docstring) to ``out`` (default
     :func:`default_archive_path`), replacing an older one atomically; returns what was written."""
-    from sentinel_pipeline.bundles import trusted_bundle_problems  # torch: only once arguments are known
+    from sentinel_pipeline.bundles import (  # torch: only once the arguments are known
+        check_records,
+        manifest_sha256,
+        trusted_bundle_problems,
+    )
 
     bundle_dir = Path(bundle_dir)
     target = Path(out) if out is not None else default_archive_path(bundle_dir)
     if target.resolve().is_relative_to(bundle_dir.resolve()):
         raise PackageError(f"{bundle_dir}: the archive {target} would be written inside the bundle, which "
                            "refuses files its manifest does not list: choose another --out")
-    problems = trusted_bundle_problems(bundle_dir, trusted_keys)
+    problems = trusted_bundle_problems(bundle_dir, trusted_keys, records=False)
+    if problems:
+        raise PackageError(f"{bundle_dir}: not packaged: bundle refused: " + "; ".join(problems))
+    if verified_manifest_sha256 is not None and manifest_sha256(bundle_dir) != verified_manifest_sha256:
+        raise PackageError(f"{bundle_dir}: not packaged: {MANIFEST_NAME} (sha256 {manifest_sha256(bundle_dir)}) is "
+                           f"not the verified manifest (sha256 {verified_manifest_sha256}): the bundle changed "
+                           "since verification")
+    problems = check_records(bundle_dir)  # not shipped, but a records area of another manifest is refused
     if problems:
         raise PackageError(f"{bundle_dir}: not packaged: bundle refused: " + "; ".join(problems))
     if require_verified:

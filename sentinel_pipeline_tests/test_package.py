@@ -178,6 +178,15 @@ def test_an_extra_file_or_a_symlink_in_the_bundle_is_not_packaged(bundle: Path, 
         package_bundle(bundle)
 
 
+def test_records_of_another_manifest_are_refused_though_records_are_not_shipped(bundle: Path) -> None:
+    write_record(bundle, "replay_report.json", b"{}")
+    (bundle / "train_log.txt").write_text("rewritten")
+    rewrite_manifest(bundle)
+    sign_manifest(bundle, load_signing_key())  # validly signed: only the stale records tell
+    with pytest.raises(PackageError, match="records/manifest.json belongs to bundle manifest"):
+        package_bundle(bundle)
+
+
 def test_a_file_changed_after_the_trust_checks_aborts_the_write(bundle: Path, monkeypatch) -> None:
     """The race: the checks passed, then a file changed. Each file is hashed as it is copied in."""
     import sentinel_pipeline.bundles as bundles
