@@ -2,7 +2,8 @@
 
 Graph: raw_bars -> feature_contract/features -> labelled_dataset -> dataset_splits -> seq/snap scalers
 -> hdf5_splits -> arrow_cache -> bundle_<variant> (blocking check ``bundle_verified``) ->
-replay_<variant> (check ``train_serve_parity``) and backtest_<variant> (test split), for every variant of
+replay_<variant> (check ``train_serve_parity``), backtest_<variant> (test split) and model_final_<variant>
+(the shippable archive ``model_final.zip``), for every variant of
 the model registry; variant_comparison tabulates the backtests. The panel configuration (``panel_pipeline``,
 daily bars of a universe) adds symbol_graph -> bundle_gat_multi_horizon (same blocking check) ->
 backtest_gat_multi_horizon (a ranking evaluation); the intraday jobs leave those three out.
@@ -27,6 +28,7 @@ from sentinel_pipeline.orchestration.jobs import (
     panel_pipeline,
     quick_pipeline,
 )
+from sentinel_pipeline.orchestration.package_assets import PACKAGE_ASSETS
 from sentinel_pipeline.orchestration.presentation import present
 from sentinel_pipeline.orchestration.replay_assets import REPLAY_ASSETS, REPLAY_CHECKS
 from sentinel_pipeline.orchestration.settings import PipelineSettings
@@ -40,7 +42,8 @@ RESOURCES = {
     "pipes_client": dg.PipesSubprocessClient(),
 }
 
-ASSETS = [present(a) for a in (*DATA_ASSETS, *GRAPH_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS)]
+ASSETS = [present(a) for a in (*DATA_ASSETS, *GRAPH_ASSETS, *TRAINING_ASSETS, *REPLAY_ASSETS, *BACKTEST_ASSETS,
+                                *PACKAGE_ASSETS)]
 
 # evaluates the replay assets' automation condition (eager, and only when every blocking check of their
 # dependencies passed): a newly verified bundle is replayed without anyone clicking; on by default
@@ -56,6 +59,12 @@ backtest_automation = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.assets(*BACKTEST_ASSETS),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
+# and for the archives: a newly verified bundle is packaged (model_final.zip), a failed one never; on by default
+package_automation = dg.AutomationConditionSensorDefinition(
+    "package_automation",
+    target=dg.AssetSelection.assets(*PACKAGE_ASSETS),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 CHECKS = [present(c) for c in (*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS)]
 JOBS = [full_pipeline, ci_gate, checks_only, quick_pipeline, panel_pipeline]
 
@@ -69,6 +78,6 @@ defs = dg.Definitions(
     asset_checks=CHECKS,
     jobs=JOBS,
     schedules=[nightly_rebuild],
-    sensors=[replay_automation, backtest_automation],
+    sensors=[replay_automation, backtest_automation, package_automation],
     resources=RESOURCES,
 )

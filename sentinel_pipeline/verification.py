@@ -115,6 +115,7 @@ import numpy as np
 import torch
 import yaml
 
+from sentinel_pipeline.bundle_archive import ArchiveError, is_archive, unpacked_bundle
 from sentinel_pipeline.bundles import (
     DATA_HALF_SCALERS_KEY,
     HASH_NAME,
@@ -965,6 +966,10 @@ def verify_bundle(
 ) -> VerificationReport:
     """Run every check of the module docstring on ``bundle_dir``; never raises for a bad bundle.
 
+    ``bundle_dir`` may be a bundle archive (``model_final.zip``, :mod:`sentinel_pipeline.package`): it is
+    unpacked under ``bundle_archive``'s rules into a private temporary directory and verified there;
+    the report names the archive.
+
     ``trusted_keys``: the directory of trusted public keys (default ``signing.trusted_keys_dir()``).
     ``scalers_dir``: the data half's scaler directory; when given, the bundle's scaler parameters must
     equal its ``scalers.json`` (the scalers that scaled the splits verification reads).
@@ -974,6 +979,9 @@ def verify_bundle(
     ``ValueError`` (a caller error, not a bundle problem).
     """
     bundle_dir = Path(bundle_dir)
+    if is_archive(bundle_dir):
+        return _verify_archive(bundle_dir, expected_hash, val_h5=val_h5, gate_h5=gate_h5, gates=gates,
+                               trusted_keys=trusted_keys, scalers_dir=scalers_dir)
     if isinstance(gates, QualityGates):
         resolved = {name: gates for name in VARIANTS}
     else:
@@ -1000,6 +1008,32 @@ def verify_bundle(
         manifest_digest=manifest_digest,
         gate_results=ctx.gate_results,
     )
+
+
+def _verify_archive(archive: Path, expected_hash: str, **kwargs: Any) -> VerificationReport:
+    """:func:`verify_bundle` of a ``model_final.zip``: unpacked safely into a private temporary directory
+    (``bundle_archive.unpacked_bundle``), verified there as a directory, reported under the archive's
+    name. An archive the unpacking rules refuse fails ``signature`` and ``files_present`` with the
+    reason (the rest: skipped)."""
+    try:
+        with unpacked_bundle(archive) as unpacked:
+            report = verify_bundle(unpacked, expected_hash, **kwargs)
+            inner = str(unpacked)
+    except ArchiveError as exc:
+        outcomes = {"signature": CheckOutcome("signature", False, str(exc)),
+                    "files_present": CheckOutcome("files_present", False, str(exc))}
+        for name in CHECK_NAMES:
+            if name not in outcomes:
+                failed = [n for n in CHECK_NEEDS[name] if not outcomes[n].passed]
+                outcomes[name] = CheckOutcome(name, False, f"skipped: needs {', '.join(failed)}")
+        return VerificationReport(
+            passed=False, checks=[outcomes[n] for n in CHECK_NAMES], bundle_dir=str(archive),
+            expected_hash=str(expected_hash),
+            verified_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            manifest_digest=None, gate_results=[])
+    # the details name the archive, not the temporary directory that no longer exists
+    checks = [dataclasses.replace(c, detail=c.detail.replace(inner, str(archive))) for c in report.checks]
+    return dataclasses.replace(report, checks=checks, bundle_dir=str(archive))
 
 
 # -- verification records ---------------------------------------------------------------------

@@ -38,15 +38,19 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from sentinel_pipeline.bundle_archive import inspect_archive
 from sentinel_pipeline.bundles import manifest_sha256, records_dir, write_record
 from sentinel_pipeline.data.feature_contract import read_contract
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig, generate_synthetic_market
 from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
 from sentinel_pipeline.orchestration.jobs import PANEL_ONLY
+from sentinel_pipeline.orchestration.package_assets import package_asset_key
 from sentinel_pipeline.orchestration.replay_assets import replay_asset_key
 from sentinel_pipeline.orchestration.training_assets import bundle_asset_key
+from sentinel_pipeline.package import default_archive_path
 from sentinel_pipeline.paths import SPLITS
+from sentinel_pipeline.safe_read import sha256_regular
 from sentinel_pipeline.stage_cache import read_record
 from sentinel_pipeline.verification import CHECK_NAMES
 from sentinel_pipeline_tests.bundle_tamper import (
@@ -411,6 +415,43 @@ def test_replay_refuses_a_bundle_changed_after_its_verification_passed(good: Goo
     assert "refused" in failures["replay_seq_ctx_fusion"] and "model_best.pt: sha256" in failures["replay_seq_ctx_fusion"]
     # the untouched bundle still replays in the same run
     assert set(materializations(result)) == {"replay_transformer_tbm"}
+
+
+def test_each_verified_bundle_is_packaged_and_a_changed_or_failing_one_is_not(good: Good, tmp_path: Path) -> None:
+    """model_final_<variant>: the archive beside each verified bundle, with its metadata; packaging alone
+    refuses a bundle changed after its verification passed (the event log's manifest digest is the
+    anchor, as for replay); a failing blocking check keeps packaging out of the same run."""
+    home, instance = good.home, good.instance
+    mats = materializations(good.built.result)
+    bundles = {v: bundle_of(good.built.result, v) for v in VARIANTS}
+    for variant, bundle in bundles.items():
+        md = mats[f"model_final_{variant}"]
+        archive = Path(md["path"])
+        assert archive == default_archive_path(bundle) and archive.name == "model_final.zip"
+        assert sha256_regular(archive) == (md["sha256"], md["size_bytes"])
+        members = inspect_archive(archive)
+        assert md["members"] == len(members) and members[:2] == ["manifest.json", "manifest.sig"]
+        assert md["manifest_sha256"] == manifest_sha256(bundle) and md["bundle"] == bundle.name
+    before = {v: default_archive_path(b).read_bytes() for v, b in bundles.items()}
+
+    flip_byte(bundles["mlp_two_head"])  # a file no longer matches the manifest
+    swap_scaler(bundles["seq_ctx_fusion"])  # manifest rewritten ...
+    resign(bundles["seq_ctx_fusion"])  # ... and validly signed: only the event log's digest tells
+    result = home.run(instance, selection=[package_asset_key(v) for v in VARIANTS])
+    failures = step_failures(result)
+    assert set(failures) == {"model_final_mlp_two_head", "model_final_seq_ctx_fusion"}
+    assert "refused" in failures["model_final_mlp_two_head"]
+    assert "model_best.pt: sha256" in failures["model_final_mlp_two_head"]
+    assert "is not the verified manifest" in failures["model_final_seq_ctx_fusion"]
+    assert set(materializations(result)) == {"model_final_transformer_tbm"}
+    assert {v: default_archive_path(b).read_bytes() for v, b in bundles.items()} == before  # same bytes again
+
+    variant = "transformer_tbm"
+    failing = home.run(instance, gates_file=impossible_gates(tmp_path / "gates.json"),
+                       selection=[bundle_asset_key(variant), package_asset_key(variant)])
+    assert not failing.success
+    assert f"bundle_{variant}_{CHECK_NAME}" in started_steps(failing)
+    assert f"model_final_{variant}" not in started_steps(failing)
 
 
 def test_planted_pickles_run_nothing_through_the_bundle_check_and_replay(good: Good, tmp_path: Path) -> None:

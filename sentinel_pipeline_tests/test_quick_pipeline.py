@@ -11,9 +11,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from sentinel_pipeline.bundle_archive import inspect_archive
 from sentinel_pipeline.bundles import list_bundles, records_dir
 from sentinel_pipeline.definitions import defs
 from sentinel_pipeline.orchestration import jobs
+from sentinel_pipeline.package import default_archive_path
 from sentinel_pipeline_tests.test_presentation import long_floats_of_run
 
 
@@ -56,6 +58,10 @@ def test_quick_pipeline_verifies_replays_and_backtests_one_bundle(quick) -> None
     assert f"| {jobs.QUICK_VARIANT} | {bundles[0].name} | PASS | none |" in table
     assert "| seq_ctx_fusion | none | no bundle |" in table
     assert "synthetic" in (result.dagster_run.tags.get("sentinel/data") or "")
+    archive = mats[f"model_final_{jobs.QUICK_VARIANT}"]  # the shippable archive, beside the bundle
+    path = root / archive["path"].value  # relative to the job's working directory, like models/quick
+    assert path.resolve() == default_archive_path(bundles[0]).resolve()
+    assert archive["members"].value == len(inspect_archive(path))
     for asset, key in (("bundle", "loss_curve_inline"), ("replay", "equity_inline"), ("backtest", "equity_inline")):
         inline = mats[f"{asset}_{jobs.QUICK_VARIANT}"][key].value  # rendered inline by the UI (< 1000 chars)
         assert inline.startswith("![") and "data:image/png;base64," in inline and len(inline) < 1000

@@ -29,7 +29,7 @@ LOGGER_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level":
 PANEL_VARIANT = "gat_multi_horizon"
 UNIVERSE_VARIANTS = [v for v, spec in VARIANTS.items() if spec.batch_kind != "windows"]
 PANEL_ONLY = dg.AssetSelection.assets(
-    "symbol_graph", *(f"{kind}_{v}" for v in UNIVERSE_VARIANTS for kind in ("bundle", "backtest")))
+    "symbol_graph", *(f"{kind}_{v}" for v in UNIVERSE_VARIANTS for kind in ("bundle", "backtest", "model_final")))
 
 # the whole graph: every asset and every check (blocking checks stop what depends on them)
 full_pipeline = dg.define_asset_job(
@@ -92,12 +92,13 @@ quick_pipeline = dg.define_asset_job(
     "quick_pipeline",
     # the variant's replay and backtest with everything upstream, and the comparison table (the variants
     # that were not trained show as such)
-    selection=dg.AssetSelection.assets(f"replay_{QUICK_VARIANT}", f"backtest_{QUICK_VARIANT}").upstream()
+    selection=dg.AssetSelection.assets(f"replay_{QUICK_VARIANT}", f"backtest_{QUICK_VARIANT}",
+                                       f"model_final_{QUICK_VARIANT}").upstream()
     | dg.AssetSelection.assets("variant_comparison"),
     description=(
         "Quick demo on a small SYNTHETIC market (20 symbols x 250 days, strong planted signal) in data/quick and "
-        f"models/quick: the data half, `{QUICK_VARIANT}` trained, verified by the default gates, replayed and "
-        "backtested, in about a minute. Not a result on real data."
+        f"models/quick: the data half, `{QUICK_VARIANT}` trained, verified by the default gates, packaged "
+        "(model_final.zip), replayed and backtested, in about a minute. Not a result on real data."
     ),
     tags={"sentinel/pipeline": "quick", "sentinel/data": "synthetic-demo"},
     config=quick_run_config(),
@@ -124,7 +125,7 @@ def panel_run_config(raw: str | None = None) -> dict[str, Any]:
 
 panel_pipeline = dg.define_asset_job(
     "panel_pipeline",
-    selection=dg.AssetSelection.assets(f"backtest_{PANEL_VARIANT}").upstream(),
+    selection=dg.AssetSelection.assets(f"backtest_{PANEL_VARIANT}", f"model_final_{PANEL_VARIANT}").upstream(),
     description=(
         "The daily universe configuration in data/panel and models/panel: the data half with the panel preset "
         "(daily features with cross-sectional ranks, labels in days), the symbol graph, `gat_multi_horizon` "

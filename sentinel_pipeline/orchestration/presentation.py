@@ -50,10 +50,10 @@ except ImportError:  # pragma: no cover - the engine is part of the package
 
 # step priorities: verify (and replay, backtest) a trained bundle before training the next variant
 PRIORITY_CHECK_OF_TRAINED = 30  # checks of bundles, replays and backtests
-PRIORITY_CONSUMER = 20  # replay_<variant>, backtest_<variant>
+PRIORITY_CONSUMER = 20  # replay_<variant>, backtest_<variant>, model_final_<variant>
 PRIORITY_DEFAULT = 0
 _TRAINED_PREFIXES = ("bundle_", "replay_", "backtest_")
-_CONSUMER_PREFIXES = ("replay_", "backtest_")
+_CONSUMER_PREFIXES = ("replay_", "backtest_", "model_final_")
 
 
 def step_priority(asset_keys: list[str], check_asset_keys: list[str]) -> int:
