@@ -115,7 +115,7 @@ def train_config(paths: Any, out_dir: Path, variant: str, args: argparse.Namespa
         train_h5=paths.h5("train"), val_h5=paths.h5("val"), feature_schema=paths.feature_schema, out_dir=out_dir,
         model=variant, batch_size=args.batch_size, epochs=epochs, device=args.device, shuffle=True,
         num_workers=args.num_workers, threads=args.threads, limit_samples=limit, patience=epochs + 1, fresh=True,
-        log_every=10**9,
+        log_every=10**9, profile=args.profile,
     )
 
 
@@ -196,7 +196,7 @@ def child_main(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, role: str, out: Path, data: Path | None = None) -> tuple[dict[str, Any], float]:
     """Run this script as ``--child role``; returns (its JSON result, wall seconds)."""
-    cmd = [sys.executable, __file__, "--child", role, "--child-out", str(out), "--device", args.device,
+    cmd = [sys.executable, __file__, "--child", role, "--child-out", str(out), "--device", args.device, "--profile", args.profile,
            "--batch-size", str(args.batch_size), "--memory-variant", args.memory_variant,
            "--num-workers", str(args.num_workers)]
     if args.threads is not None:
@@ -317,6 +317,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--profile", choices=("safe", "throughput"), default="safe",
+                    help="the training profile (throughput: larger batches, pinned memory on CUDA)")
     ap.add_argument("--threads", type=thread_counts, default=None,
                     help="torch threads (default: the engine's); a list such as 1,2 compares thread counts")
     ap.add_argument("--num-workers", type=int, default=0)
