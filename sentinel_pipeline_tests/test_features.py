@@ -475,3 +475,15 @@ def test_daily_contracts_rebuild_their_config_for_replay(config: FeatureConfig) 
 
     contract = build_contract(config)
     assert feature_config_from_contract(contract) == config
+
+
+@pytest.mark.parametrize("daily", [False, True])
+def test_features_are_identical_for_any_thread_count(daily: bool) -> None:
+    """The kernel spreads contiguous groups of symbols over threads; symbols are independent, so every
+    column is bit-identical to the one-thread result (more threads than symbols, uneven lengths too)."""
+    bars = make_bars(7, [300, 40, 1, 520, 260], gaps=True, daily=daily)
+    config = daily_feature_config() if daily else FeatureConfig()
+    one = compute_features(bars, config, threads=1)
+    for threads in (2, 3, 8, 20):
+        assert_frames_identical(compute_features(bars, config, threads=threads), one, list(one.columns))
+    assert feat.feature_threads() >= 1

@@ -63,7 +63,9 @@ parameters need no bump: every parameter a feature's values depend on is in that
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -605,7 +607,7 @@ def _cat_feature(kind, p0, p1, p2, fp, bucket, ts, c, lr, atr, a, s2, out, ready
             out[t] = 2 if slope > fp else (0 if slope < -fp else 1)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _features_kernel(ts, o, h, lw, c, v, starts, ends, buckets, atr_window,
                      f_kind, f_ip, f_fp, c_kind, c_ip, c_fp,
                      out_atr, out_f, out_c, valid):
@@ -687,8 +689,41 @@ def _validated_inputs(bars: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, dict[
     return ts, starts, arrays, np.asarray(uniques, dtype=object)
 
 
-def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None) -> pd.DataFrame:
-    """One row of features per bar, same order as ``bars`` (see the module docstring for the columns)."""
+def feature_threads() -> int:
+    """Threads :func:`compute_features` spreads its symbols over when none are given: the CPUs of this
+    process's affinity mask (the data half's stages run one at a time), at most 8. Symbols are
+    independent in the kernel, so the result is the same for any count (test)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _run_features_kernel(threads: int, starts: np.ndarray, ends: np.ndarray, buckets: np.ndarray,
+                         *args: Any, outputs: tuple[np.ndarray, ...]) -> None:
+    """The kernel over contiguous groups of symbols of about equal rows, one group per thread (it
+    releases the GIL; each group writes its own rows of the shared outputs)."""
+    ts, o, h, lw, c, v, atr_window, *plans = args
+    n_sym = starts.shape[0]
+    threads = max(1, min(int(threads), n_sym))
+    if threads == 1:
+        _features_kernel(ts, o, h, lw, c, v, starts, ends, buckets, atr_window, *plans, *outputs)
+        return
+    rows_before = np.cumsum(ends - starts) - (ends - starts)
+    cuts = np.searchsorted(rows_before, np.linspace(0, int(ends[-1] - starts[0]), threads + 1)[1:-1])
+    bounds = [0, *sorted({int(x) for x in cuts if 0 < x < n_sym}), n_sym]
+    with ThreadPoolExecutor(max_workers=len(bounds) - 1) as pool:
+        futures = [pool.submit(_features_kernel, ts, o, h, lw, c, v, starts[a:b], ends[a:b], buckets[a:b],
+                               atr_window, *plans, *outputs) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        for f in futures:
+            f.result()
+
+
+def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None,
+                     threads: int | None = None) -> pd.DataFrame:
+    """One row of features per bar, same order as ``bars`` (see the module docstring for the columns).
+    ``threads``: the symbols are spread over that many threads (None: :func:`feature_threads`)."""
     config = config or FeatureConfig()
     defs = _feature_defs(config)
     ts, starts, arr, symbols = _validated_inputs(bars)
@@ -711,9 +746,11 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None) ->
     out_f = np.empty((len(kernel_defs), n), dtype=np.float32)
     out_c = np.empty((len(cat_defs), n), dtype=np.int32)
     valid = np.empty(n, dtype=bool)
-    _features_kernel(ts, arr["open"], arr["high"], arr["low"], arr["close"], arr["volume"], starts, ends,
-                     buckets, config.atr_window, *plan(kernel_defs), *plan(cat_defs),
-                     out_atr, out_f, out_c, valid)
+    if n:
+        _run_features_kernel(feature_threads() if threads is None else threads, starts, ends, buckets,
+                             ts, arr["open"], arr["high"], arr["low"], arr["close"], arr["volume"],
+                             config.atr_window, *plan(kernel_defs), *plan(cat_defs),
+                             outputs=(out_atr, out_f, out_c, valid))
 
     float_rows = {d.spec.name: j for j, d in enumerate(kernel_defs[:len(float_defs) - len(rank_defs)])}
     if "xs_ret_z" in float_rows:
