@@ -210,3 +210,39 @@ def test_config_validation_and_dict_input() -> None:
     assert FeatureConfig(ffd={"d": 0.3}).ffd == FFDConfig(d=0.3)
     assert dataclasses.replace(FeatureConfig(), ffd=None) == FeatureConfig()
     assert FFDConfig().grid()[:4] == [0.0, 0.05, 0.1, 0.15] and FFDConfig().grid()[-1] == 1.0
+
+
+def test_replay_rebuilds_the_ffd_config_from_the_contract() -> None:
+    from sentinel_pipeline.replay.feature_config import feature_config_from_contract
+
+    cfg = ffd_config(0.35, tau=1e-3, max_window=300)
+    assert feature_config_from_contract(build_contract(cfg)) == cfg
+    assert feature_config_from_contract(build_contract()) == FeatureConfig()
+
+
+def test_the_data_half_chooses_d_on_train_and_the_features_stage_uses_it(tmp_path) -> None:
+    from sentinel_pipeline import data_half
+    from sentinel_pipeline.data.feature_contract import read_contract
+    from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
+    from sentinel_pipeline.data.tables import read_frame
+    from sentinel_pipeline.orchestration.data_assets import _ffd_metadata
+    from sentinel_pipeline.paths import ArtifactPaths
+
+    cfg = data_half.DataHalfConfig(synthetic=SyntheticMarketConfig(seed=3, n_symbols=20, n_days=60),
+                                   features=FeatureConfig(ffd=FFDConfig(tau=1e-3, max_window=200)))
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=tmp_path / "raw")
+    data_half._resolve_or_mark(paths, cfg)
+    for name in ("raw_bars", "feature_contract", "features"):
+        summary = data_half.build_stage(name, paths, cfg)
+    sel = data_half.read_ffd_selection(paths)
+    bars = read_frame(paths.bars)
+    assert sel == _select(bars, cfg.features.ffd, cfg.splits) | {"tau": 1e-3, "max_window": 200, "adf_level": 0.05}
+    spec = next(f for f in read_contract(paths.feature_contract).features if f.name == "ffd_logclose")
+    assert spec.params["d"] == sel["d"] and spec.params["window"] == sel["window"]
+    resolved = resolve_ffd(cfg.features, sel["d"])
+    feats = read_frame(paths.features)
+    np.testing.assert_array_equal(feats["ffd_logclose"].to_numpy(),
+                                  compute_features(bars, resolved)["ffd_logclose"].to_numpy())
+    meta = _ffd_metadata(summary)
+    assert meta["ffd_d"] == sel["d"] and meta["ffd_adf_p"] == sel["adf_p"] and meta["ffd_window"] == sel["window"]
+    assert meta["ffd_tau"] == 1e-3

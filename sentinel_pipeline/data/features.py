@@ -34,6 +34,10 @@ Feature groups (names for the default :class:`FeatureConfig`; ``build_contract``
     at this timestamp of clip(ret_1 / rv_w, -clip, clip). It is the only feature that reads other
     symbols (bars at the same timestamp only); it is NaN where the row's own rv_w is.
 
+Optional FFD group (``FeatureConfig(ffd=FFDConfig(...))``, off by default): ``ffd_logclose`` joins
+``seq``, the fixed-width fractional difference of log close (:mod:`sentinel_pipeline.data.ffd`); its
+order ``d``, ``tau`` and the (capped) window are its params; NaN, hence not valid, on its warm-up rows.
+
 Daily bars (``FeatureConfig(bar_frequency="daily")``, :func:`daily_feature_config`): ``hour_bucket``
 and ``session_bar`` are left out (one bar a day carries no hour or session position); ``month``
 (0..11, of the UTC date) follows ``weekday`` in ``ctx_cat``; and four **cross-sectional ranks** join
