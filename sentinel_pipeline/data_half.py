@@ -56,6 +56,7 @@ import pyarrow as pa
 from sentinel_pipeline.atomic_io import write_json_atomic
 from sentinel_pipeline.data import arrow_cache, hdf5_splits, labels, raw_bars, scalers, splits, tables
 from sentinel_pipeline.data import features as feats
+from sentinel_pipeline.data import ffd as ffd_mod
 from sentinel_pipeline.data.dataset import LabelledDataset
 from sentinel_pipeline.data.feature_contract import FeatureContract, read_contract
 from sentinel_pipeline.data.synthetic_market import (
@@ -358,10 +359,50 @@ def run_raw_bars(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
 
 
 # -- stage 2 -------------------------------------------------------------------------------------
+def ffd_selection_path(paths: ArtifactPaths) -> Path:
+    """Where the FFD order's selection report lies (beside the contract that carries the order)."""
+    return paths.feature_contract.parent / "ffd_selection.json"
+
+
 def run_feature_contract(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
-    contract = feats.build_contract(cfg.features)
+    """The contract of ``cfg.features``. With the FFD group on and ``d`` not given, ``d`` is chosen here
+    on the train window of the raw bars (``ffd.select_d``: timestamps and closes only, no labels) and
+    the selection report is written beside the contract."""
+    fcfg = cfg.features
+    out: dict[str, Any] = {}
+    if fcfg.ffd is not None:
+        if fcfg.ffd.d is None:
+            bars = _read_frame(paths.bars, ["symbol", "timestamp", "close"])
+            sel = ffd_mod.select_d(bars["symbol"].to_numpy(dtype=object), labels.timestamps_ns(bars["timestamp"]),
+                                   bars["close"].to_numpy(dtype=np.float64), fcfg.ffd, cfg.splits)
+            fcfg = feats.resolve_ffd(fcfg, sel["d"])
+        else:
+            sel = {"d": fcfg.ffd.d, "adf_p": None, "passed": None, "given": True,
+                   "window": int(ffd_mod.ffd_weights(fcfg.ffd.d, fcfg.ffd.tau, fcfg.ffd.max_window).size)}
+        write_json_atomic(ffd_selection_path(paths), {**sel, "tau": fcfg.ffd.tau, "max_window": fcfg.ffd.max_window,
+                                                      "adf_level": fcfg.ffd.adf_level})
+        out["ffd"] = read_ffd_selection(paths)
+    contract = feats.build_contract(fcfg)
     contract.write(paths.feature_contract.parent)  # the contract's own place, beside the features
-    return {"feature_contract_hash": contract.hash, "dims": contract.dims(), "n_features": len(contract.features)}
+    return {"feature_contract_hash": contract.hash, "dims": contract.dims(), "n_features": len(contract.features),
+            **out}
+
+
+def read_ffd_selection(paths: ArtifactPaths) -> dict[str, Any]:
+    return json.loads(ffd_selection_path(paths).read_text(encoding="utf-8"))
+
+
+def resolved_feature_config(paths: ArtifactPaths, cfg: DataHalfConfig) -> feats.FeatureConfig:
+    """``cfg.features`` with the FFD order the feature_contract stage chose (from the written contract)."""
+    fcfg = cfg.features
+    if fcfg.ffd is None or fcfg.ffd.d is not None:
+        return fcfg
+    contract = load_contract(paths)
+    spec = next((f for f in contract.features if f.name == "ffd_logclose"), None)
+    if spec is None or spec.params.get("d") is None:
+        raise ValueError(f"{paths.feature_contract}: the FFD group is on but the contract carries no FFD order; "
+                         "rebuild the feature contract first")
+    return feats.resolve_ffd(fcfg, float(spec.params["d"]))
 
 
 def load_contract(paths: ArtifactPaths) -> FeatureContract:
@@ -371,14 +412,15 @@ def load_contract(paths: ArtifactPaths) -> FeatureContract:
 def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
     def go() -> dict[str, Any]:
         contract = load_contract(paths)
-        expected = feats.build_contract(cfg.features)
+        fcfg = resolved_feature_config(paths, cfg)
+        expected = feats.build_contract(fcfg)
         if expected.hash != contract.hash:
             raise ValueError(
                 f"{paths.feature_contract}: contract hash {contract.hash} does not match the feature config "
                 f"({expected.hash}); rebuild the feature contract first"
             )
         bars = _read_frame(paths.bars)
-        frame = feats.compute_features(bars, cfg.features)
+        frame = feats.compute_features(bars, fcfg)
         del bars  # the frame shares its bar columns
         tables.write_table(frame, paths.features)
         valid = frame["feature_valid"].to_numpy()
@@ -390,6 +432,7 @@ def run_features(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]:
             "feature_contract_hash": contract.hash,
             "dims": contract.dims(),
             "data_source": _data_source(paths, "raw_bars"),
+            **({"ffd": read_ffd_selection(paths)} if fcfg.ffd is not None else {}),
         }
 
     return _timed(go)

@@ -9,6 +9,7 @@ run's quarantine beside them, and a downstream stage refuses an upstream whose l
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -148,3 +149,28 @@ def test_training_and_backtest_inputs_are_refused_below_a_failed_raw_stage(tmp_p
     for stage_dir, name in ((paths.arrow_dir, "arrow_cache"), (paths.hdf5_dir, "hdf5_splits")):
         with pytest.raises(dg.Failure, match=rf"stage 'raw_bars' upstream of '{name}' failed its last run"):
             upstream_fingerprint(stage_dir, name)
+
+
+def test_ffd_group_shows_its_order_adf_p_tau_and_window_in_the_ui(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    generate_synthetic_market(MARKET).to_parquet(raw / "market.parquet", index=False)
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = _materialize(tmp_path, raw, ["raw_bars", "feature_contract", "features"], instance,
+                              ffd=True, ffd_tau=1e-3, ffd_max_window=200)
+        assert result.success
+        meta = _metadata(result)
+    paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
+    sel = json.loads((paths.feature_contract.parent / "ffd_selection.json").read_text())
+    for asset in ("feature_contract", "features"):
+        md = meta[asset]
+        assert md["ffd_d"] == sel["d"] and md["ffd_adf_p"] == sel["adf_p"] and md["ffd_adf_p"] < 0.05
+        assert md["ffd_tau"] == 1e-3 and md["ffd_window"] == sel["window"] and md["ffd_max_window"] == 200
+    assert "ffd_d" not in _metadata_default(tmp_path / "off", raw)["features"]
+
+
+def _metadata_default(root: Path, raw: Path) -> dict[str, dict[str, object]]:
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = _materialize(root, raw, ["raw_bars", "feature_contract", "features"], instance)
+        assert result.success
+        return _metadata(result)

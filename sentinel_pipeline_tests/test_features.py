@@ -157,6 +157,8 @@ def test_changing_one_symbol_does_not_change_another() -> None:
 def _changed_value(name: str, value: object) -> object:
     if name == "bar_frequency":
         return "daily" if value == "intraday" else "intraday"
+    if name == "ffd":  # the optional FFD group (off by default): switching it on adds a feature
+        return feat.FFDConfig(d=0.4) if value is None else None
     if isinstance(value, bool):
         return not value
     if isinstance(value, float):

@@ -34,6 +34,10 @@ Feature groups (names for the default :class:`FeatureConfig`; ``build_contract``
     at this timestamp of clip(ret_1 / rv_w, -clip, clip). It is the only feature that reads other
     symbols (bars at the same timestamp only); it is NaN where the row's own rv_w is.
 
+Optional FFD group (``FeatureConfig(ffd=FFDConfig(...))``, off by default): ``ffd_logclose`` joins
+``seq``, the fixed-width fractional difference of log close (:mod:`sentinel_pipeline.data.ffd`); its
+order ``d``, ``tau`` and the (capped) window are its params; NaN, hence not valid, on its warm-up rows.
+
 Daily bars (``FeatureConfig(bar_frequency="daily")``, :func:`daily_feature_config`): ``hour_bucket``
 and ``session_bar`` are left out (one bar a day carries no hour or session position); ``month``
 (0..11, of the UTC date) follows ``weekday`` in ``ctx_cat``; and four **cross-sectional ranks** join
@@ -66,7 +70,7 @@ import math
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,7 @@ from numba import njit
 
 from sentinel_pipeline.atomic_io import atomic_path
 from sentinel_pipeline.data.feature_contract import GROUP_DTYPES, FeatureContract, FeatureSpec
+from sentinel_pipeline.data.ffd import FFDConfig, ffd_series, ffd_weights, log_prices
 
 FEATURE_CODE_VERSION = "1"
 
@@ -90,6 +95,7 @@ _RESYNC = 1024  # running sums are recomputed exactly every _RESYNC bars of a sy
 _RET, _RET_VN, _ATR_PCT, _RV, _RSI, _MACD_LINE, _MACD_HIST, _CLOSE_POS = 0, 1, 2, 3, 4, 5, 6, 7
 _RANGE_ATR, _VOL_Z, _GAP, _DIST_HIGH, _DIST_LOW, _PX_SMA, _VOL_RATIO = 8, 9, 10, 11, 12, 13, 14
 _SESSION_BAR, _XS_RET_Z = 15, 16
+_FFD = -2  # computed outside the kernel (ffd.ffd_series)
 # categorical feature kinds (ctx_cat)
 _HOUR_BUCKET, _WEEKDAY, _VOL_REGIME, _TREND_REGIME, _SYMBOL_BUCKET, _MONTH = 0, 1, 2, 3, 4, 5
 
@@ -143,6 +149,8 @@ class FeatureConfig:
     xs_rank_return_lags: tuple[int, ...] = (20, 60)
     xs_rank_rv_window: int = 20
     xs_rank_volume_z_window: int = 20
+    # optional FFD group (off by default): ``ffd_logclose`` joins seq (see ``data/ffd.py``)
+    ffd: FFDConfig | None = None
 
     def __post_init__(self) -> None:
         if self.bar_frequency not in BAR_FREQUENCIES:
@@ -151,6 +159,10 @@ class FeatureConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "bar_frequency":
+                continue
+            if f.name == "ffd":
+                if value is not None and not isinstance(value, FFDConfig):
+                    object.__setattr__(self, f.name, FFDConfig(**value))
                 continue
             if f.name == "context_features":
                 object.__setattr__(self, f.name, bool(value))
@@ -243,6 +255,11 @@ def _feature_defs(cfg: FeatureConfig) -> list[_FeatureDef]:
     w = cfg.volume_z_window
     seq(f"vol_z_{w}", _VOL_Z, {"window": w}, w - 1, (w,))
     seq("gap", _GAP, {}, 1)
+    if cfg.ffd is not None and cfg.ffd.d is None:  # d not chosen yet: only the warm-up bound (the cap) is known
+        defs.append(_float_def("ffd_logclose", "seq", _FFD, {"d": None}, cfg.ffd.max_window - 1))
+    elif cfg.ffd is not None:
+        params = cfg.ffd.params()
+        defs.append(_float_def("ffd_logclose", "seq", _FFD, params, params["window"] - 1))
     if cfg.daily:
         for src in _rank_sources(cfg):
             params = {"source": src.spec.name, **src.spec.params, "bar_frequency": "daily", "range": "[-1,1]",
@@ -312,6 +329,7 @@ def _rank_sources(cfg: FeatureConfig) -> list[_FeatureDef]:
 def build_contract(config: FeatureConfig | None = None) -> FeatureContract:
     """The feature contract of ``config`` (ordered names, groups, dtypes, params); needs no data."""
     config = config or FeatureConfig()
+    _require_resolved_ffd(config)
     return FeatureContract(
         features=tuple(d.spec for d in _feature_defs(config)),
         seq_len=config.seq_len,
@@ -320,8 +338,23 @@ def build_contract(config: FeatureConfig | None = None) -> FeatureContract:
     )
 
 
+def _require_resolved_ffd(config: FeatureConfig) -> None:
+    if config.ffd is not None and config.ffd.d is None:
+        raise ValueError("FeatureConfig.ffd.d is not chosen yet: choose it on the train window first "
+                         "(ffd.select_d; the data half's feature_contract stage does) or give it")
+
+
+def resolve_ffd(config: FeatureConfig, d: float) -> FeatureConfig:
+    """``config`` with the FFD order set to ``d`` (the contract then carries it)."""
+    if config.ffd is None:
+        raise ValueError("FeatureConfig.ffd is off")
+    return replace(config, ffd=replace(config.ffd, d=d))
+
+
 def warmup_bars(config: FeatureConfig | None = None) -> int:
-    """Leading bars of each symbol whose features are not valid even on clean bars."""
+    """Leading bars of each symbol whose features are not valid even on clean bars.
+
+    With the FFD group on and ``d`` not chosen yet this is the bound ``ffd.max_window - 1``."""
     return max(d.warmup for d in _feature_defs(config or FeatureConfig()))
 
 
@@ -725,6 +758,7 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None,
     """One row of features per bar, same order as ``bars`` (see the module docstring for the columns).
     ``threads``: the symbols are spread over that many threads (None: :func:`feature_threads`)."""
     config = config or FeatureConfig()
+    _require_resolved_ffd(config)
     defs = _feature_defs(config)
     ts, starts, arr, symbols = _validated_inputs(bars)
     n = ts.size
@@ -734,7 +768,9 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None,
     float_defs = [d for d in defs if d.spec.group != "ctx_cat"]
     rank_defs = [d for d in float_defs if d.source is not None]
     # the kernel computes the per-symbol features and the rank sources (their NaNs clear feature_valid)
-    kernel_defs = [d for d in float_defs if d.source is None] + [d.source for d in rank_defs]  # type: ignore[misc]
+    ffd_defs = [d for d in float_defs if d.kind == _FFD]
+    kernel_defs = ([d for d in float_defs if d.source is None and d.kind != _FFD]
+                   + [d.source for d in rank_defs])  # type: ignore[misc]
     cat_defs = [d for d in defs if d.spec.group == "ctx_cat"]
 
     def plan(ds: list[_FeatureDef]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -752,13 +788,20 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None,
                              config.atr_window, *plan(kernel_defs), *plan(cat_defs),
                              outputs=(out_atr, out_f, out_c, valid))
 
-    float_rows = {d.spec.name: j for j, d in enumerate(kernel_defs[:len(float_defs) - len(rank_defs)])}
+    float_rows = {d.spec.name: j for j, d in enumerate(kernel_defs[:len(kernel_defs) - len(rank_defs)])}
+    ffd_cols: dict[str, np.ndarray] = {}
+    for d in ffd_defs:
+        assert config.ffd is not None
+        w = ffd_weights(config.ffd.d, config.ffd.tau, config.ffd.max_window)  # type: ignore[arg-type]
+        col = ffd_series(log_prices(arr["close"]), starts, ends, w).astype(np.float32)
+        valid &= np.isfinite(col)  # warm-up rows (fewer than window bars of the symbol) are NaN: not valid
+        ffd_cols[d.spec.name] = col
     if "xs_ret_z" in float_rows:
         _cross_sectional_mean(out_f[float_rows["xs_ret_z"]], ts)
     ranks: dict[str, np.ndarray] = {}
     if rank_defs:
         ts_codes = pd.factorize(ts, sort=False)[0]
-        first_source = len(float_defs) - len(rank_defs)
+        first_source = len(kernel_defs) - len(rank_defs)
         for j, d in enumerate(rank_defs):
             ranks[d.spec.name] = cross_sectional_rank(out_f[first_source + j], ts_codes)
     cat_rows = {d.spec.name: j for j, d in enumerate(cat_defs)}
@@ -769,6 +812,8 @@ def compute_features(bars: pd.DataFrame, config: FeatureConfig | None = None,
         name = d.spec.name
         if name in ranks:
             columns[name] = ranks[name]
+        elif name in ffd_cols:
+            columns[name] = ffd_cols[name]
         else:
             columns[name] = out_c[cat_rows[name]] if name in cat_rows else out_f[float_rows[name]]
     columns["feature_valid"] = valid

@@ -20,6 +20,7 @@ from sentinel_pipeline.data import labels as labels_mod
 from sentinel_pipeline.data import raw_bars as raw_mod
 from sentinel_pipeline.data.bar_quality import BarQualityConfig
 from sentinel_pipeline.data.features import FeatureConfig, daily_feature_config
+from sentinel_pipeline.data.ffd import FFDConfig
 from sentinel_pipeline.data.splits import SplitConfig
 from sentinel_pipeline.data.synthetic_market import SyntheticMarketConfig
 from sentinel_pipeline.data.synthetic_panel import SyntheticPanelConfig
@@ -70,6 +71,11 @@ class DataHalfSettings(dg.ConfigurableResource):
     # features
     seq_len: int = 30
     context_features: bool = True
+    # optional FFD group (off by default): ffd_d None = chosen on the train window by the ADF test
+    ffd: bool = False
+    ffd_d: float | None = None
+    ffd_tau: float = 1e-4
+    ffd_max_window: int = 500
     # triple-barrier labels (None: the preset's; default 1.5 / 1.5 / 20 bars, panel 2.0 / 2.0 / 10 days)
     pt: float | None = None
     sl: float | None = None
@@ -99,7 +105,9 @@ class DataHalfSettings(dg.ConfigurableResource):
         if self.signal_strength is not None:
             panel_kwargs["signal_strength"] = self.signal_strength
         label_kwargs = {k: v for k, v in (("pt", self.pt), ("sl", self.sl), ("horizon", self.horizon)) if v is not None}
-        feature_kwargs = {"seq_len": self.seq_len, "context_features": self.context_features}
+        feature_kwargs: dict[str, Any] = {"seq_len": self.seq_len, "context_features": self.context_features}
+        if self.ffd:
+            feature_kwargs["ffd"] = FFDConfig(d=self.ffd_d, tau=self.ffd_tau, max_window=self.ffd_max_window)
         return data_half.PRESETS[self.preset](
             ingest=raw_mod.IngestConfig(
                 max_quarantine_fraction=self.max_quarantine_fraction,
@@ -277,7 +285,7 @@ def quality_metadata(q: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- 2. feature contract + features --------------------------------------------------------------------
-@dg.asset(group_name="features", kinds={"json"}, pool=WRITE_POOL)
+@dg.asset(group_name="features", deps=[raw_bars], kinds={"json"}, pool=WRITE_POOL)
 def feature_contract(settings: PipelineSettings, data_settings: DataHalfSettings):
     """The ordered feature list (name, group, dtype, params) + code version, and its sha256 hash."""
     paths, cfg = _paths(settings), data_settings.to_config()
@@ -290,6 +298,7 @@ def feature_contract(settings: PipelineSettings, data_settings: DataHalfSettings
             "dims": md_kv_table(s["dims"], "group", "features"),
             "features": md_table(rows),
             "path": dg.MetadataValue.path(str(paths.feature_contract)),
+            **_ffd_metadata(s),
         },
         data_version=dg.DataVersion(s["feature_contract_hash"]),
     )
@@ -309,9 +318,25 @@ def features(context: dg.AssetExecutionContext, settings: PipelineSettings, data
             "dims": md_kv_table(s["dims"], "group", "features"),
             "size_mb": file_size_mb(paths.features),
             "seconds": s.get("seconds", 0.0),
+            **_ffd_metadata(s),
         }
 
     return run_stage(context, "features", paths, cfg, ui)
+
+
+def _ffd_metadata(s: dict[str, Any]) -> dict[str, Any]:
+    """The FFD group's order d, its ADF p-value on the train window, tau and the window (when the group is on)."""
+    sel = s.get("ffd")
+    if not sel:
+        return {}
+    out: dict[str, Any] = {"ffd_d": float(sel["d"]), "ffd_tau": float(sel["tau"]), "ffd_window": int(sel["window"]),
+                           "ffd_max_window": int(sel["max_window"])}
+    if sel.get("adf_p") is not None:
+        out["ffd_adf_p"] = float(sel["adf_p"])
+        out["ffd_adf_passed"] = bool(sel["passed"])
+        out["ffd_adf_level"] = float(sel["adf_level"])
+        out["ffd_train_cut"] = str(sel["train_cut"])
+    return out
 
 
 # -- 3. labels -------------------------------------------------------------------------------------------

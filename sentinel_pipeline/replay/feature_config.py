@@ -15,6 +15,7 @@ from typing import Any
 
 from sentinel_pipeline.data.feature_contract import ContractError, FeatureContract, FeatureSpec
 from sentinel_pipeline.data.features import FEATURE_CODE_VERSION, FeatureConfig, build_contract
+from sentinel_pipeline.data.ffd import FFDConfig
 
 
 def _matching(contract: FeatureContract, group: str, pattern: str) -> list[FeatureSpec]:
@@ -96,6 +97,14 @@ def feature_config_from_contract(contract: FeatureContract) -> FeatureConfig:
         put("xs_rank_rv_window", [f for f in ranks if f.params.get("source", "").startswith("rv_")], "window")
         put("xs_rank_volume_z_window", [f for f in ranks if f.params.get("source", "").startswith("vol_z_")], "window")
 
+    # the optional FFD group: its order d was chosen on the train window and is in the contract
+    ffd = _matching(contract, "seq", "ffd_logclose")
+    if ffd:
+        p = ffd[0].params
+        grid = p.get("d_grid", [0.0, 1.0, 0.05])
+        kw["ffd"] = FFDConfig(d=p.get("d"), tau=p.get("tau", 1e-4), max_window=p.get("max_window", 500),
+                              d_step=grid[2], d_max=grid[1], adf_level=p.get("adf_level", 0.05),
+                              min_adf_obs=p.get("min_adf_obs", 50))
     try:
         config = FeatureConfig(**kw)
     except (TypeError, ValueError) as exc:
