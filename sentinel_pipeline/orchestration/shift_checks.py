@@ -22,7 +22,7 @@ class ShiftCheckConfig(dg.Config):
     """Run config of the check (``ops: {arrow_cache_train_shift: {config: {...}}}`` in the launchpad)."""
 
     auc_warn_threshold: float = 0.75  # train-vs-val AUC above this: WARN (the check never blocks by default)
-    max_rows_per_side: int = 50_000
+    max_rows_per_side: int = 20_000
     n_blocks: int = 20
     n_folds: int = 5
     trend_threshold: float = 0.8
