@@ -161,3 +161,24 @@ def test_the_dagster_check_is_non_blocking_and_reports_the_metadata(tmp_path: Pa
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         ShiftConfig(**bad)
+
+
+def test_the_block_bootstrap_point_estimate_is_the_plain_auc():
+    from sklearn.metrics import roc_auc_score
+
+    from sentinel_pipeline.evaluation.shift_check import block_bootstrap_auc, time_blocks
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(500, np.int8), np.ones(300, np.int8)]
+    scores = np.round(rng.normal(size=800) + 0.5 * y, 1)  # ties included
+    blocks = np.r_[time_blocks(500, 10), time_blocks(300, 10)]
+    auc, lo, hi = block_bootstrap_auc(scores, y, blocks, 10, 400, 0.95, 0)
+    assert auc == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert lo < auc < hi
+
+
+def test_nothing_in_training_or_the_gate_reads_the_shift_check():
+    root = Path(__file__).resolve().parent.parent / "sentinel_pipeline"
+    readers = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
+               if "shift_check" in p.read_text() and p.name not in ("shift_check.py", "shift_checks.py", "definitions.py")]
+    assert readers == []  # report-only: no training, feature selection, verification or gate module uses it
