@@ -32,6 +32,7 @@ from sentinel_pipeline.orchestration.package_assets import PACKAGE_ASSETS
 from sentinel_pipeline.orchestration.presentation import present
 from sentinel_pipeline.orchestration.replay_assets import REPLAY_ASSETS, REPLAY_CHECKS
 from sentinel_pipeline.orchestration.settings import PipelineSettings
+from sentinel_pipeline.orchestration.shift_checks import SHIFT_CHECKS
 from sentinel_pipeline.orchestration.training_assets import TRAINING_ASSETS
 
 RESOURCES = {
@@ -65,7 +66,7 @@ package_automation = dg.AutomationConditionSensorDefinition(
     target=dg.AssetSelection.assets(*PACKAGE_ASSETS),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-CHECKS = [present(c) for c in (*DATA_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS)]
+CHECKS = [present(c) for c in (*DATA_CHECKS, *SHIFT_CHECKS, *BUNDLE_CHECKS, *REPLAY_CHECKS)]
 JOBS = [full_pipeline, ci_gate, checks_only, quick_pipeline, panel_pipeline]
 
 # one process per run, not one per step: the multiprocess default spends ~6 s starting Python, Dagster
