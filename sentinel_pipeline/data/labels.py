@@ -446,8 +446,8 @@ def _as_codes(symbol_codes: Any, n: int) -> np.ndarray:
 
 def default_label_threads() -> int:
     """Threads the labeller uses when none are given: half of ``NUMBA_NUM_THREADS`` (numba's thread count:
-    the environment variable, by default the CPUs of the process's affinity mask), at least 1: the rule of
-    the training runtime's default (a process never has the machine to itself). On 2 CPUs that is 1 thread:
+    the environment variable, by default the CPUs of the process's affinity mask), at least 1. On 2 CPUs
+    that is 1 thread:
     measured there (bench/bench_labels.py), a second thread cut the wall time of 10M bars from ~0.4 s to
     ~0.2 s at best but took 0.79-1.13x the CPU time per bar of one thread (more in 3 of 4 runs: memory
     bandwidth, page faults on the fresh output arrays), and a labels stage's time is mostly its file I/O."""
