@@ -22,6 +22,10 @@ second). It holds :data:`BUNDLE_FILES`:
 ``manifest.json``           sha256 and size of every other file
 ``manifest.sig``            ed25519 signature of ``manifest.json`` by the training side's key
                             (:mod:`sentinel_pipeline.signing`)
+``model.onnx``              the model exported to ONNX (``deployment.onnx_export``: pinned opset,
+                            dynamic batch axis, heads + ``signal`` as outputs), present when
+                            ``bundle_metadata.json["onnx"]["status"]`` is ``"exported"``; a family
+                            that cannot export records ``"failed"`` and the reason instead
 ``records/``                (optional, added after release) verification and replay records, with
                             their own ``records/manifest.json``; see :func:`write_record`
 =========================== ===============================================================
@@ -32,7 +36,9 @@ others, and the entry rule allows exactly the names of the bundle's family.
 
 Format versions (``bundle_metadata.json["bundle_format_version"]``, :data:`BUNDLE_FORMAT_VERSION`):
 ``1`` (no field: bundles written before model families) is a bundle of the window family, still loaded
-and verified; ``2`` records ``model_family`` and ``batch_kind``. A newer version, or a family that is
+and verified; ``2`` records ``model_family`` and ``batch_kind``; ``3`` records the ONNX export
+(``onnx``: exported, or failed and why). Bundles of formats 1 and 2 load and verify as before and run
+on torch only (``load_bundle(runtime="onnx")`` refuses them, saying so). A newer version, or a family that is
 not registered here, is refused with a message naming the bundle and what to do
 (:func:`bundle_format`).
 
@@ -83,6 +89,7 @@ from sentinel_pipeline.data.feature_contract import (
     read_feature_schema,
 )
 from sentinel_pipeline.data.scalers import FittedScalers, load_scalers
+from sentinel_pipeline.deployment.onnx_export import EXPORTED, ONNX_METADATA_KEY, ONNX_NAME, export_onnx
 from sentinel_pipeline.safe_read import UnsafeFileError, read_regular, sha256_regular
 from sentinel_pipeline.signing import (
     MAX_SMALL_FILE,
@@ -113,8 +120,11 @@ BUNDLE_FILES: tuple[str, ...] = (
     METADATA_NAME,
 )
 REQUIRED_FILES: tuple[str, ...] = (*BUNDLE_FILES, MANIFEST_NAME, SIGNATURE_NAME)
-# 1: before model families (no version field; window family); 2: model_family and batch_kind recorded
-BUNDLE_FORMAT_VERSION = 2
+# 1: before model families (no version field; window family); 2: model_family and batch_kind recorded;
+# 3: the ONNX export recorded (bundle_metadata.json "onnx"; model.onnx when exported)
+BUNDLE_FORMAT_VERSION = 3
+ONNX_FORMAT_VERSION = 3  # the first format that carries the ONNX export
+RUNTIMES: tuple[str, ...] = ("torch", "onnx")
 LEGACY_FAMILY = "window_models"  # the family of a format-1 bundle
 DATA_HALF_SCALERS_KEY = "data_half_scalers"  # bundle_metadata.json: sha256 of the data half's scaler files
 LIBRARIES: tuple[str, ...] = ("torch", "numpy", "pandas", "scikit-learn", "dagster", "h5py", "pyarrow", "joblib")
@@ -146,6 +156,7 @@ class LoadedBundle:
     batch_kind: str = "windows"
     format_version: int = BUNDLE_FORMAT_VERSION
     family_data: FamilyData | None = None  # the family's extra inputs read from the bundle
+    runtime: str = "torch"  # what ``model`` runs on: "torch" (nn.Module) or "onnx" (deployment.OnnxModel)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -339,6 +350,7 @@ def write_bundle(
         _copy(schema_path, tmp / "feature_schema.txt")
         for name, src in sorted(extras.items()):
             _copy(src, tmp / name)
+        metadata[ONNX_METADATA_KEY] = _export_onnx(ckpt, dims, tmp / ONNX_NAME)
         write_text_atomic(tmp / HASH_NAME, contract.hash + "\n")
         write_json_atomic(tmp / METADATA_NAME, metadata)
         for name in SCALER_FILES:  # the copies must be what was recorded (no change in between)
@@ -347,6 +359,30 @@ def write_bundle(
         write_json_atomic(tmp / MANIFEST_NAME, build_manifest(tmp))
         sign_manifest(tmp, key)
     return target
+
+
+def _export_onnx(ckpt: Mapping[str, Any], dims: Mapping[str, int], path: Path) -> dict[str, Any]:
+    """Export the checkpoint's model to ``path``; the metadata record of the export (failed: why)."""
+    arch = ckpt["arch"]
+    model = get_family(get_variant(arch["variant"]).family).build_model(arch)
+    model.load_state_dict(ckpt["model_state_dict"], strict=True)
+    return export_onnx(model, arch, dims, path).to_metadata()
+
+
+def onnx_record(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``bundle_metadata.json["onnx"]`` (None for bundles before format 3 or a malformed entry)."""
+    record = metadata.get(ONNX_METADATA_KEY)
+    return dict(record) if isinstance(record, Mapping) else None
+
+
+def _onnx_exported(bundle_dir: str | Path) -> bool:
+    """Whether the bundle's (unverified) metadata records an ONNX export, i.e. ``model.onnx`` belongs to it."""
+    try:
+        metadata = json.loads(read_regular(Path(bundle_dir) / METADATA_NAME, MAX_SMALL_FILE))
+    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    record = onnx_record(metadata) if isinstance(metadata, dict) else None
+    return bool(record) and record.get("status") == EXPORTED
 
 
 def build_manifest(bundle_dir: str | Path) -> dict[str, Any]:
@@ -399,15 +435,19 @@ def bundle_format(metadata: Mapping[str, Any], bundle_dir: str | Path) -> tuple[
 
 
 def family_file_names(bundle_dir: str | Path) -> tuple[str, ...]:
-    """The extra file names the bundle's family may add (``ModelFamily.bundle_file_names``); none when the
-    metadata is unreadable or names no registered family (the checks that read it report why)."""
+    """The file names the bundle may hold besides :data:`BUNDLE_FILES`: ``model.onnx`` and the extra files
+    its family may add (``ModelFamily.bundle_file_names``; none when the metadata is unreadable or names
+    no registered family: the checks that read it report why)."""
+    # model.onnx is a bundle file name whatever the metadata says; whether the bundle must hold it
+    # (the metadata records an export) is checked by entry_problems / check_manifest
+    onnx = (ONNX_NAME,)
     try:
         metadata = json.loads(read_regular(Path(bundle_dir) / METADATA_NAME, MAX_SMALL_FILE))
         if not isinstance(metadata, dict):
-            return ()
-        return tuple(bundle_format(metadata, bundle_dir)[1].bundle_file_names)
+            return onnx
+        return (*bundle_format(metadata, bundle_dir)[1].bundle_file_names, *onnx)
     except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError):
-        return ()
+        return onnx
 
 
 def entry_problems(bundle_dir: str | Path, *, require_signature: bool = True) -> list[str]:
@@ -434,6 +474,8 @@ def entry_problems(bundle_dir: str | Path, *, require_signature: bool = True) ->
     problems: list[str] = []
     present: dict[str, os.stat_result] = {p.name: os.lstat(p) for p in bundle_dir.iterdir()}
     missing = [n for n in required if n not in present]
+    if ONNX_NAME not in present and _onnx_exported(bundle_dir):
+        missing.append(ONNX_NAME)  # the metadata records an export: the file is part of the bundle
     if missing:
         problems.append(f"missing {missing}")
     for name, entry in sorted(present.items()):
@@ -496,6 +538,8 @@ def check_manifest(bundle_dir: str | Path) -> list[str]:
     problems: list[str] = []
     problems += [f"{name}: required file not listed in the manifest" for name in BUNDLE_FILES if name not in files]
     allowed = (*BUNDLE_FILES, *family_file_names(bundle_dir))
+    if ONNX_NAME not in files and _onnx_exported(bundle_dir):
+        problems.append(f"{ONNX_NAME}: {METADATA_NAME} records an ONNX export but the manifest does not list it")
     for name, entry in sorted(files.items()):
         if name not in allowed:
             problems.append(f"{name!r}: not a bundle file name; the manifest may list only {list(allowed)}")
@@ -553,6 +597,8 @@ def load_bundle(
     device: str | torch.device = "cpu",
     *,
     trusted_keys: str | os.PathLike[str] | None = None,
+    runtime: str = "torch",
+    onnx_threads: int = 1,
 ) -> LoadedBundle:
     """Verify and load a bundle: signature, entry rule, manifest, then contract, checkpoint, model and
     scalers (rebuilt from ``scalers.json``; nothing is unpickled).
@@ -562,7 +608,14 @@ def load_bundle(
     for a contract hash that differs from ``expected_hash`` or between the bundle's own files, and for
     a format version or model family this code does not read (:func:`bundle_format`). The model is
     built by the bundle's family, which also reads its extra files (``LoadedBundle.family_data``).
+
+    ``runtime="onnx"``: ``LoadedBundle.model`` is the bundle's ``model.onnx`` on ONNX Runtime
+    (``deployment.onnx_model.OnnxModel``, ``onnx_threads`` intra-op threads), called like the torch
+    model; its bytes are checked against the signed manifest as they are loaded. Refused (naming the
+    bundle) when the bundle has no ONNX export: a format before 3, or an export that failed (its reason).
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     bundle_dir = Path(bundle_dir)
     problems = trusted_bundle_problems(bundle_dir, trusted_keys)
     if problems:
@@ -594,6 +647,8 @@ def load_bundle(
     dev = torch.device(device)
     model.to(dev)
     model.eval()
+    if runtime == "onnx":
+        model, dev = _onnx_model(bundle_dir, metadata, version, onnx_threads), torch.device("cpu")
     return LoadedBundle(
         path=bundle_dir,
         model=model,
@@ -613,7 +668,27 @@ def load_bundle(
         batch_kind=family.batch_kind,
         format_version=version,
         family_data=family_data,
+        runtime=runtime,
     )
+
+
+def _onnx_model(bundle_dir: Path, metadata: Mapping[str, Any], version: int, threads: int) -> Any:
+    """The bundle's ``model.onnx`` on ONNX Runtime, its bytes checked against the signed manifest."""
+    from sentinel_pipeline.deployment.onnx_model import OnnxModel, OnnxModelError
+
+    record = onnx_record(metadata)
+    if record is None:
+        raise BundleError(f"{bundle_dir}: bundle format {version} has no ONNX export (formats from "
+                          f"{ONNX_FORMAT_VERSION} carry model.onnx); run it with runtime 'torch', or retrain")
+    if record.get("status") != EXPORTED:
+        raise BundleError(f"{bundle_dir}: the ONNX export of this bundle failed at training time: "
+                          f"{record.get('reason')}; run it with runtime 'torch'")
+    manifest = json.loads(read_regular(bundle_dir / MANIFEST_NAME, MAX_SMALL_FILE))
+    expected = ((manifest.get("files") or {}).get(ONNX_NAME) or {}).get("sha256")
+    try:
+        return OnnxModel.from_file(bundle_dir / ONNX_NAME, record, expected_sha256=expected, threads=threads)
+    except (OSError, UnsafeFileError, OnnxModelError) as exc:
+        raise BundleError(f"{bundle_dir}: {exc}") from exc
 
 
 def list_bundles(models_dir: str | Path, variant: str | None = None) -> list[Path]:

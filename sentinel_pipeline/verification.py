@@ -1,6 +1,6 @@
 """Bundle verification: the gate that decides whether a trained model bundle may be trusted.
 
-:func:`verify_bundle` runs ten checks, in order, on a bundle directory written by
+:func:`verify_bundle` runs eleven checks, in order, on a bundle directory written by
 ``bundles.write_bundle`` and returns a :class:`VerificationReport`. It never raises for a bad
 bundle: a missing file, a JSON that does not parse or an exception while loading becomes a failed
 check with the reason. A check that needs an earlier one that failed is reported as failed with
@@ -8,7 +8,7 @@ check with the reason. A check that needs an earlier one that failed is reported
 ``files_present``, ``contract_hash`` needs ``manifest``, ``metadata_agrees`` and ``scalers_load``
 need ``contract_hash``, ``model_loads`` and ``metrics_sane`` need ``metadata_agrees`` (the
 checkpoint it loaded), ``metrics_reproduced`` needs ``model_loads`` and ``metrics_sane``, and
-``quality_gates`` needs ``model_loads``). No file's contents are read before ``signature`` passed,
+``quality_gates`` and ``onnx_parity`` need ``model_loads``). No file's contents are read before ``signature`` passed,
 and nothing is ever unpickled: the scalers come from ``scalers.json``, the checkpoint from
 ``torch.load(weights_only=True)``.
 
@@ -66,6 +66,15 @@ check                   passes when
                         ``test.h5`` beside the validation split), which neither training nor checkpoint
                         selection ever read. Needs only ``model_loads``, so the evidence is recorded even for
                         a bundle that fails an earlier bookkeeping check.
+``onnx_parity``         the bundle's ``model.onnx`` (``bundle_metadata.json["onnx"]``: a format-3 bundle
+                        records its export; an export that failed fails here with its reason) loads in
+                        ONNX Runtime (bytes checked against the manifest, no external data, standard
+                        operators only) and agrees with the torch model on the validation split (at
+                        most :data:`PARITY_MAX_SAMPLES`, earliest first) at fixed ORT threads: values
+                        within tolerance, the same signal signs, entry decisions at the replay and
+                        backtest thresholds, and the same backtest trade list
+                        (:func:`sentinel_pipeline.deployment.onnx_parity.onnx_parity`). Bundles of
+                        formats 1-2 predate the export: the check passes and says they run on torch only.
 ======================  ==============================================================================
 
 Quality gates (defaults :data:`DEFAULT_GATES`; override per variant with a ``gates`` mapping or a
@@ -170,6 +179,7 @@ CHECK_NAMES: tuple[str, ...] = (
     "metrics_sane",
     "metrics_reproduced",
     "quality_gates",
+    "onnx_parity",
 )
 # the checks each check needs to have passed first; nothing reads a bundle file's contents before
 # ``signature`` has passed (``files_present`` only lists names and types)
@@ -184,7 +194,10 @@ CHECK_NEEDS: dict[str, tuple[str, ...]] = {
     "metrics_sane": ("metadata_agrees",),
     "metrics_reproduced": ("model_loads", "metrics_sane"),
     "quality_gates": ("model_loads",),
+    "onnx_parity": ("model_loads",),
 }
+# ONNX parity is checked on at most this many validation samples (the earliest, in time order)
+PARITY_MAX_SAMPLES = 20_000
 FORWARD_SAMPLES = 256
 GATE_SPLIT_FILE = "test.h5"
 CONFIG_NAME = "train_config.json"
@@ -229,6 +242,7 @@ class VerificationReport:
     verified_at: str  # ISO-8601 UTC
     manifest_digest: str | None  # sha256 of manifest.json's bytes; None when it could not be read
     gate_results: list[dict[str, Any]] = field(default_factory=list)  # skill_gates.GateResult dicts
+    onnx_parity: dict[str, Any] = field(default_factory=dict)  # deployment.onnx_parity.ParityReport dict
 
     @property
     def failed_checks(self) -> list[str]:
@@ -250,6 +264,7 @@ class VerificationReport:
             "failed_checks": self.failed_checks,
             "checks": [c.to_dict() for c in self.checks],
             "gate_results": self.gate_results,
+            "onnx_parity": self.onnx_parity,
         }
 
     @classmethod
@@ -262,6 +277,7 @@ class VerificationReport:
             verified_at=str(d["verified_at"]),
             manifest_digest=d.get("manifest_digest"),
             gate_results=list(d.get("gate_results") or []),
+            onnx_parity=dict(d.get("onnx_parity") or {}),
         )
 
     def render(self) -> str:
@@ -482,6 +498,7 @@ class _Context:
     trusted_keys: Path | None = None
     scalers_dir: Path | None = None
     signer: str | None = None
+    onnx_parity: dict[str, Any] = field(default_factory=dict)
 
     def file(self, name: str) -> Path:
         return self.bundle_dir / name
@@ -931,6 +948,43 @@ def _check_quality_gates(ctx: _Context) -> str:
     return detail
 
 
+def _check_onnx_parity(ctx: _Context) -> str:
+    """``model.onnx`` runs in ONNX Runtime and decides like the torch model on the validation split."""
+    from sentinel_pipeline.bundles import ONNX_FORMAT_VERSION, onnx_record
+    from sentinel_pipeline.deployment.onnx_export import EXPORTED, ONNX_NAME
+    from sentinel_pipeline.deployment.onnx_model import OnnxModel, OnnxModelError
+    from sentinel_pipeline.deployment.onnx_parity import onnx_parity
+
+    assert ctx.contract is not None and ctx.model is not None and ctx.family is not None
+    meta = _read_json_object(ctx.file(METADATA_NAME))
+    version, _ = bundle_format(meta, ctx.bundle_dir)
+    record = onnx_record(meta)
+    if record is None:
+        if version < ONNX_FORMAT_VERSION:
+            ctx.onnx_parity = {"passed": True, "note": f"bundle format {version} predates the ONNX export"}
+            return (f"bundle format {version} predates the ONNX export (formats from {ONNX_FORMAT_VERSION} carry "
+                    f"{ONNX_NAME}): it runs on torch only")
+        raise CheckFailed(f"{METADATA_NAME}: a format-{version} bundle must record its ONNX export ('onnx')")
+    if record.get("status") != EXPORTED:
+        raise CheckFailed(f"the ONNX export failed when the bundle was written, so the model cannot be deployed "
+                          f"as ONNX: {record.get('reason')}")
+    manifest = _read_json_object(ctx.file(MANIFEST_NAME))
+    expected = ((manifest.get("files") or {}).get(ONNX_NAME) or {}).get("sha256")
+    try:
+        onnx_model = OnnxModel.from_file(ctx.file(ONNX_NAME), record, expected_sha256=expected)
+    except (OSError, OnnxModelError) as exc:
+        raise CheckFailed(str(exc)) from exc
+    path = _validation_path(ctx)
+    split, _ = load_split_for_training(path, ctx.contract.hash)
+    split = dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, PARITY_MAX_SAMPLES)))
+    report = onnx_parity(ctx.model, onnx_model, ctx.checkpoint["arch"], split, data=ctx.family_data)
+    ctx.onnx_parity = report.to_dict()
+    detail = f"opset {record.get('opset')}, {path.name}: {report.detail()}"
+    if not report.passed:
+        raise CheckFailed(detail)
+    return detail
+
+
 _CHECKS: dict[str, Callable[[_Context], str]] = {
     "signature": _check_signature,
     "files_present": _check_files_present,
@@ -942,6 +996,7 @@ _CHECKS: dict[str, Callable[[_Context], str]] = {
     "metrics_sane": _check_metrics_sane,
     "metrics_reproduced": _check_metrics_reproduced,
     "quality_gates": _check_quality_gates,
+    "onnx_parity": _check_onnx_parity,
 }
 
 
@@ -1007,6 +1062,7 @@ def verify_bundle(
         verified_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         manifest_digest=manifest_digest,
         gate_results=ctx.gate_results,
+        onnx_parity=ctx.onnx_parity,
     )
 
 

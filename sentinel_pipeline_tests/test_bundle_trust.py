@@ -62,7 +62,7 @@ from sentinel_pipeline_tests.training_fixtures import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ALL_NAMES = (*BUNDLE_FILES, "manifest.json", "manifest.sig")
+ALL_NAMES = (*BUNDLE_FILES, "model.onnx", "manifest.json", "manifest.sig")
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +292,14 @@ def test_malicious_pickle_under_every_file_name_runs_nothing(
         assert loaded is not None  # loading never opens them
     elif name in ("loss_curve.png", "train_log.txt"):
         assert loaded is not None  # never parsed by anything: signed bytes, whatever they are
+    elif name == "model.onnx":
+        # parsed as ONNX only (never unpickled): not a model, so the parity check and runtime onnx refuse it
+        assert _first_failure(report) == "onnx_parity" and "not a readable ONNX model" in report.check(
+            "onnx_parity").detail
+        assert loaded is not None  # the torch runtime never opens it
+        with pytest.raises(BundleError, match="not a readable ONNX model"):
+            load_bundle(bundle, data.hash, runtime="onnx")
+        assert not marker.exists()
     else:  # every parsed file refuses the pickle as data (JSON, text, weights_only torch.load)
         assert not report.passed and loaded is None
 

@@ -22,7 +22,7 @@ from sentinel_pipeline.data import scalers as scalers_module
 from sentinel_pipeline.data.scalers import ClippedRobustScaler
 from sentinel_pipeline.training.checkpoints import load_best
 from sentinel_pipeline.training.engine import TrainResult, train
-from sentinel_pipeline.training.models import build_model
+from sentinel_pipeline.training.models import build_model, get_variant
 from sentinel_pipeline_tests.dataset_factory import LABEL_PARAMS
 from sentinel_pipeline_tests.training_fixtures import TrainingData, make_training_data, train_config
 
@@ -61,9 +61,10 @@ def test_bundle_contents_and_metadata(bundle: Path, run: TrainResult, data: Trai
     variant, stamp, contract_hash = bundle.name.split("__")
     assert (variant, contract_hash) == ("seq_ctx_fusion", data.hash)
     assert len(stamp) == 16 and stamp.endswith("Z") and stamp[8] == "T"
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json", "manifest.sig"])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*BUNDLE_FILES, "model.onnx", "manifest.json",
+                                                               "manifest.sig"])
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert sorted(manifest["files"]) == sorted(BUNDLE_FILES)
+    assert sorted(manifest["files"]) == sorted([*BUNDLE_FILES, "model.onnx"])
     assert check_manifest(bundle) == []
     assert (bundle / "feature_contract_hash.txt").read_text().strip() == data.hash
     meta = json.loads((bundle / "bundle_metadata.json").read_text())
@@ -75,6 +76,15 @@ def test_bundle_contents_and_metadata(bundle: Path, run: TrainResult, data: Trai
     assert {"numpy", "pandas", "scikit-learn", "dagster"} <= set(meta["library_versions"])
     assert meta["code_version"]["package_version"] and "git_commit" in meta["code_version"]
     assert meta["created_at"].endswith("Z") and meta["note"] == "test"
+    # the ONNX export: pinned opset, the variant's input groups with only the batch axis dynamic, every
+    # head then the signal as outputs
+    onnx = meta["onnx"]
+    assert (meta["bundle_format_version"], onnx["status"], onnx["opset"]) == (3, "exported", 18)
+    assert [(i["name"], i["dtype"], i["shape"]) for i in onnx["inputs"]] == [
+        ("seq", "float32", ["batch", data.contract.seq_len, 5]), ("snap", "float32", ["batch", 3]),
+        ("ctx_cat", "int64", ["batch", 2]), ("ctx_cont", "float32", ["batch", 2])]
+    assert [o["name"] for o in onnx["outputs"]] == [*(h.name for h in get_variant("seq_ctx_fusion").heads), "signal"]
+    assert onnx["exporter"]["onnxscript"] and onnx["exporter"]["exporter"] == "torch.onnx.export(dynamo=True)"
     # the data half's scaler files the bundle was built from, by digest
     recorded = meta["data_half_scalers"]["sha256"]
     assert recorded == {n: bundles.sha256_file(data.scalers_dir / n) for n in bundles.SCALER_FILES}

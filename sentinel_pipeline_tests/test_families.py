@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from sentinel_pipeline.bundles import check_manifest, load_bundle
+from sentinel_pipeline.bundles import BundleError, check_manifest, load_bundle
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
 from sentinel_pipeline.evaluation.predictions import head_column, score_split
 from sentinel_pipeline.training import engine, evaluation
@@ -148,6 +148,13 @@ class ToyRows(ModelFamily):
 
     def bundle_files(self, data):
         return {"toy_scale.json": data.paths["scale"]}
+
+    # ONNX: the model reads "x" (not an input group), so the family declares it
+    def onnx_inputs(self, spec, arch):
+        return {"x": {0: "batch"}}
+
+    def onnx_example(self, spec, arch, dims, n=2):
+        return {"x": torch.zeros(n, int(arch["input_dim"]))}
 
     def load_bundle_data(self, bundle_dir):
         return self._data(Path(bundle_dir) / "toy_scale.json")
@@ -311,10 +318,13 @@ def test_a_new_family_trains_resumes_bundles_and_verifies_without_engine_change(
     assert bundle is not None and (bundle / "toy_scale.json").read_bytes() == scale.read_bytes()
     assert check_manifest(bundle) == []
     meta = json.loads((bundle / "bundle_metadata.json").read_text())
-    assert (meta["bundle_format_version"], meta["model_family"], meta["batch_kind"]) == (2, "toy_rows", "rows")
+    assert (meta["bundle_format_version"], meta["model_family"], meta["batch_kind"]) == (3, "toy_rows", "rows")
     assert meta["family_inputs"] == {"scale": hashlib.sha256(scale.read_bytes()).hexdigest()}
+    # exported through the family's ONNX hooks, with its own input name
+    assert meta["onnx"]["status"] == "exported" and [i["name"] for i in meta["onnx"]["inputs"]] == ["x"]
+    assert (bundle / "model.onnx").is_file()
     loaded = load_bundle(bundle, expected_hash=data.hash)
-    assert (loaded.family, loaded.batch_kind, loaded.format_version) == ("toy_rows", "rows", 2)
+    assert (loaded.family, loaded.batch_kind, loaded.format_version) == ("toy_rows", "rows", 3)
     assert loaded.family_data is not None and loaded.family_data.values == {"scale": 0.5}
 
     # verification batches and scores through the family: every check up to the gates passes
@@ -323,6 +333,7 @@ def test_a_new_family_trains_resumes_bundles_and_verifies_without_engine_change(
     assert report.passed, report.render()
     assert "family toy_rows" in report.check("metadata_agrees").detail
     assert "reproduces metrics.json" in report.check("metrics_reproduced").detail
+    assert report.onnx_parity["passed"] and report.onnx_parity["n_samples"] > 0
 
     # scoring a split for the gates and the backtest uses the family's batcher, scale and signal
     test = toy_split(data, "test")
@@ -352,3 +363,37 @@ def toy_split(data: TrainingData, name: str) -> SplitArrays:
     split, _ = load_split_for_training(path, data.hash)
     assert TARGET in TARGET_NAMES
     return split
+
+
+class ToyWithoutOnnx(ToyRows):
+    """The toy family without its ONNX hooks: the default inputs ("snap") are not what its model reads."""
+
+    def onnx_inputs(self, spec, arch):
+        return ModelFamily.onnx_inputs(self, spec, arch)
+
+    def onnx_example(self, spec, arch, dims, n=2):
+        return ModelFamily.onnx_example(self, spec, arch, dims, n)
+
+
+def test_a_family_that_cannot_export_is_marked_and_fails_only_the_onnx_check(
+    data: TrainingData, tmp_path: Path
+) -> None:
+    """Never silently skipped: the export's failure and reason are in the signed metadata, there is no
+    model.onnx, verification fails onnx_parity with the reason (and nothing else), runtime onnx is
+    refused naming it, and the torch runtime still loads."""
+    with registered(ToyWithoutOnnx()):
+        scale = _scale_file(tmp_path / "scale.json", 0.5)
+        result = train(_config(data, tmp_path / "run", scale, models_dir=tmp_path / "models"), progress=False)
+        bundle = result.bundle_dir
+        assert bundle is not None
+        meta = json.loads((bundle / "bundle_metadata.json").read_text())
+        assert meta["onnx"]["status"] == "failed" and "'x'" in meta["onnx"]["reason"]
+        assert not (bundle / "model.onnx").exists() and check_manifest(bundle) == []
+        report = verify_bundle(bundle, data.hash, val_h5=data.val_h5, gate_h5=data.test_h5,
+                               gates=QualityGates(min_directional_t=None))
+        assert report.failed_checks == ["onnx_parity"]
+        assert "ONNX export failed" in report.check("onnx_parity").detail
+        assert "'x'" in report.check("onnx_parity").detail
+        with pytest.raises(BundleError, match="ONNX export of this bundle failed"):
+            load_bundle(bundle, expected_hash=data.hash, runtime="onnx")
+        assert load_bundle(bundle, expected_hash=data.hash).runtime == "torch"

@@ -17,7 +17,9 @@ instance (``FAMILY``) and listed once in ``families/__init__.py``. It declares:
 - optional **extra inputs** (:meth:`ModelFamily.prepare`: e.g. a symbol-graph folder named in
   ``TrainConfig.family_inputs``) and **extra bundle files** (:meth:`ModelFamily.bundle_files`, read
   back at inference by :meth:`ModelFamily.load_bundle_data`);
-- the **optimizer and scheduler** defaults it prefers (:attr:`ModelFamily.optimizer_defaults`).
+- the **optimizer and scheduler** defaults it prefers (:attr:`ModelFamily.optimizer_defaults`);
+- the inputs of its **ONNX export** (:meth:`ModelFamily.onnx_inputs`, with dynamic axes, and an
+  example batch to trace with, :meth:`ModelFamily.onnx_example`; default: the variant's input groups).
 
 The engine (``training/engine.py``) owns what every family shares: the loop, gradient clipping,
 NaN stop, early stopping, step statistics, resume checkpoints, metrics.json, bundle writing.
@@ -289,6 +291,34 @@ class ModelFamily:
     def signal(self, spec: VariantSpec, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One trading signal per sample (higher = more bullish)."""
         raise NotImplementedError
+
+    # -- ONNX export (deployment.onnx_export) ----------------------------------------------------------
+
+    def onnx_inputs(self, spec: VariantSpec, arch: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+        """The batch keys the exported model takes, in order, each with its dynamic axes ``{axis: name}``.
+        Default: the variant's input groups (``spec.inputs``), only the sample axis 0 dynamic
+        (``"batch"``). A family whose model reads other keys overrides this and :meth:`onnx_example`."""
+        return {group: {0: "batch"} for group in spec.inputs}
+
+    def onnx_example(
+        self, spec: VariantSpec, arch: Mapping[str, Any], dims: Mapping[str, int], n: int = 2
+    ) -> Batch:
+        """A batch of ``n`` samples holding every :meth:`onnx_inputs` key, to trace the model for export
+        (its values do not matter, its shapes and dtypes do). ``dims``: the contract's group widths.
+        Default: the input groups (``seq`` ``(n, seq_len, F)``, ``snap``/``ctx_cont`` ``(n, F)`` float32,
+        ``ctx_cat`` ``(n, C)`` int64 codes 0); another key raises ``ValueError`` naming it."""
+        shapes = {"seq": (n, int(arch["seq_len"]), int(dims.get("seq", 0))), "snap": (n, int(dims.get("snap", 0))),
+                  "ctx_cont": (n, int(dims.get("ctx_cont", 0)))}
+        batch: Batch = {}
+        for key in self.onnx_inputs(spec, arch):
+            if key == "ctx_cat":
+                batch[key] = torch.zeros(n, int(dims.get("ctx_cat", 0)), dtype=torch.int64)
+            elif key in shapes:
+                batch[key] = torch.zeros(shapes[key], dtype=torch.float32)
+            else:
+                raise ValueError(f"model family {self.name!r}: no example for ONNX input {key!r} (override "
+                                 "ModelFamily.onnx_example)")
+        return batch
 
     # -- registry helpers ----------------------------------------------------------------------------
 

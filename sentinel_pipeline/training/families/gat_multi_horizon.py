@@ -266,5 +266,25 @@ class GraphAttentionFamily(ModelFamily):
         """The ``ret_5`` score (higher = expected to rank higher on 5-bar forward return)."""
         return outputs[SIGNAL_HEAD]
 
+    def onnx_inputs(self, spec: VariantSpec, arch: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+        """``seq`` (and ``snap`` when the architecture fuses it) per node, then the day's edges: the node
+        count and the edge count are the dynamic axes."""
+        nodes = {"seq": {0: "nodes"}}
+        if arch.get("use_snap") and int(arch.get("snap_dim", 0)) > 0:
+            nodes["snap"] = {0: "nodes"}
+        return {**nodes, "edge_index": {1: "edges"}, "edge_weight": {0: "edges"}}
+
+    def onnx_example(
+        self, spec: VariantSpec, arch: Mapping[str, Any], dims: Mapping[str, int], n: int = 3
+    ) -> Batch:
+        """``n`` nodes with zero features and a two-edge graph (0 <-> 1)."""
+        n = max(int(n), 3)
+        batch: Batch = {"seq": torch.zeros(n, int(arch["seq_len"]), int(arch["seq_dim"]))}
+        if "snap" in self.onnx_inputs(spec, arch):
+            batch["snap"] = torch.zeros(n, int(arch["snap_dim"]))
+        batch["edge_index"] = torch.tensor([[0, 1], [1, 0]], dtype=torch.int64)
+        batch["edge_weight"] = torch.ones(2, dtype=torch.float32)
+        return batch
+
 
 FAMILY = GraphAttentionFamily()
