@@ -24,6 +24,7 @@ import pytest
 
 from sentinel_pipeline.bundles import MANIFEST_NAME
 from sentinel_pipeline.definitions import ASSETS, CHECKS
+from sentinel_pipeline.deployment.onnx_parity import same_trades
 from sentinel_pipeline.orchestration.backtest_assets import COMPARISON_KEY, backtest_asset_key, backtest_dir
 from sentinel_pipeline.orchestration.bundle_checks import CHECK_NAME
 from sentinel_pipeline.orchestration.data_assets import DataHalfSettings
@@ -277,3 +278,22 @@ def test_a_bundle_that_has_seen_the_rebuilt_test_window_is_refused(good: Good) -
     message = step_failures(result)[f"backtest_{VARIANT}"]
     assert "refused" in message and "inside this test window" in message, message
     assert report_bytes(good) == before
+
+
+def test_the_backtest_on_the_onnx_runtime_trades_identically(good: Good) -> None:
+    """``runtime: onnx`` scores the test split with the bundle's model.onnx on ONNX Runtime: a new
+    result (the runtime is part of the stage's fingerprint) with the identical trade list."""
+    home, instance = good.home, good.instance
+    out = backtest_dir(home.paths, VARIANT)
+    on_torch = pd.read_parquet(out / "trades.parquet")
+    config = run_config()
+    config["ops"][BACKTEST.to_user_string()] = {"config": {"runtime": "onnx"}}
+    result = home.defs().resolve_job_def("full_pipeline").execute_in_process(
+        run_config=config, instance=instance, asset_selection=[BACKTEST], raise_on_error=False)
+    assert result.success, step_failures(result)
+    md = materializations(result)[BACKTEST.to_user_string()]
+    assert md["reused"] is False
+    report = json.loads(report_bytes(good))
+    assert report["runtime"] == "onnx" and report["bundle"] == good.bundle.name
+    on_onnx = pd.read_parquet(out / "trades.parquet")
+    assert len(on_torch) > 0 and same_trades(on_torch, on_onnx)

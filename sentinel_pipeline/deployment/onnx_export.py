@@ -28,6 +28,7 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -104,10 +105,17 @@ class _Positional(nn.Module):
         return (*(outputs[name] for name in self.head_names), self._signal(outputs))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _reason(exc: BaseException, limit: int = 600) -> str:
-    """The exception's type and first lines (exporter errors run to pages)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines()[:6] if line.strip())
-    text = f"{type(exc).__name__}: {text}"
+    """The exception's type and what went wrong: the exporter's "Exception summary" when it has one
+    (its errors run to pages of generic advice first), else the first lines; no terminal colours."""
+    text = _ANSI.sub("", str(exc))
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1].split("(Refer to the full stack trace", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "\u2b06\ufe0f"]
+    text = f"{type(exc).__name__}: " + " ".join(lines[:6])
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -148,6 +148,7 @@ def run_backtest_stage(
     fingerprint: str | None = None,
     scalers_dir: str | Path | None = None,
     verified_manifest_sha256: str | None = None,
+    runtime: str = "torch",
 ) -> BacktestOutcome:
     """Backtest the verified bundle at ``bundle_dir`` on ``test_h5`` and write ``out_dir`` (see the module
     docstring). Raises ``BundleNotVerifiedError`` for a bundle whose verification does not hold.
@@ -155,12 +156,14 @@ def run_backtest_stage(
     ``scalers_dir``: the scalers the splits were written with (default ``<artifacts>/scalers`` of the
     ``<artifacts>/hdf5/test.h5`` layout). Raises :class:`BacktestRefused` when the bundle has seen the
     test window or expects other scalers. ``verified_manifest_sha256``: the manifest digest of the passing
-    verification from the Dagster event log (see ``verification.require_verified``)."""
+    verification from the Dagster event log (see ``verification.require_verified``). ``runtime``: what
+    scores the splits, ``"torch"`` or ``"onnx"`` (the bundle's ``model.onnx`` on ONNX Runtime,
+    ``bundles.load_bundle``); the previous bundle is scored the same way."""
     config = config or BacktestConfig()
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     scalers_dir = Path(scalers_dir) if scalers_dir is not None else Path(test_h5).parent.parent / "scalers"
     require_verified(bundle_dir, expected_hash, verified_manifest_sha256=verified_manifest_sha256)
-    bundle = load_bundle(bundle_dir, expected_hash)
+    bundle = load_bundle(bundle_dir, expected_hash, runtime=runtime)
     test, _ = load_split_for_training(test_h5, expected_hash)
     val_cache: list[SplitArrays] = []
 
@@ -178,13 +181,14 @@ def run_backtest_stage(
     previous: ScoredBacktest | None = None
     comparison: dict[str, Any] | None = None
     prev_name = Path(previous_dir).name if previous_dir is not None else None
-    prev_bundle, note = usable_previous_bundle(previous_dir, expected_hash, test_start, scalers_dir)
+    prev_bundle, note = usable_previous_bundle(previous_dir, expected_hash, test_start, scalers_dir, runtime)
     if prev_bundle is not None:
         previous = backtest_loaded_bundle(prev_bundle, test, config, validation, random_baseline=False)
         comparison = compare_backtests(current.result, previous.result, seed=config.seed)
     extra = {
         "bundle": bundle_dir.name,
         "variant": bundle.variant,
+        "runtime": runtime,
         "previous_bundle": prev_name if previous is not None else None,
         "previous_note": note,
         "test_split": {"path": str(test_h5), "n_samples": int(len(current.predictions)),
@@ -196,7 +200,8 @@ def run_backtest_stage(
 
 
 def usable_previous_bundle(
-    previous_dir: str | Path | None, expected_hash: str, test_start: pd.Timestamp, scalers_dir: str | Path
+    previous_dir: str | Path | None, expected_hash: str, test_start: pd.Timestamp, scalers_dir: str | Path,
+    runtime: str = "torch",
 ) -> tuple[LoadedBundle | None, str | None]:
     """The previous verified bundle loaded for comparison on a test window starting at ``test_start``,
     or ``None`` with the reason it cannot be compared (none, unverified, unreadable, trained on the window,
@@ -205,7 +210,7 @@ def usable_previous_bundle(
         return None, "no previous verified bundle of this variant"
     try:
         require_verified(previous_dir)
-        bundle = load_bundle(previous_dir)
+        bundle = load_bundle(previous_dir, runtime=runtime)
     except ValueError as exc:  # BundleError, BundleNotVerifiedError
         return None, f"previous bundle cannot be used: {exc}"
     note = window_problem(bundle.metadata, expected_hash, test_start) or scaler_problem(previous_dir, scalers_dir)

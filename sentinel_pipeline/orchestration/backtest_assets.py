@@ -72,9 +72,12 @@ class BacktestRunConfig(dg.Config):
     min_trades: int = 30
     n_random: int = 1000
     seed: int = 0
+    # what scores the test split: "torch" (the checkpoint) or "onnx" (the bundle's model.onnx on ONNX
+    # Runtime, one thread; the same trades, see deployment.onnx_parity)
+    runtime: str = "torch"
 
     def to_backtest_config(self) -> BacktestConfig:
-        return BacktestConfig(**self.model_dump())
+        return BacktestConfig(**self.model_dump(exclude={"runtime"}))
 
 
 def backtest_asset_key(variant: str) -> dg.AssetKey:
@@ -176,7 +179,7 @@ def build_backtest_asset(variant: str) -> dg.AssetsDefinition:
         def run(bundle: Path, expected: str, previous: Path | None, fp: str, digest: str | None) -> None:
             run_backtest_stage(bundle, expected, paths.h5("test"), paths.h5("val"), out, config.to_backtest_config(),
                                previous_dir=previous, fingerprint=fp, scalers_dir=paths.scalers_dir,
-                               verified_manifest_sha256=digest)
+                               verified_manifest_sha256=digest, runtime=config.runtime)
 
         report, fp, reused = evaluate_verified_bundle(
             context, paths, variant, out, what="backtest", stage="backtest", rules=BACKTEST_RULES_VERSION,

@@ -77,6 +77,28 @@ def gate_rows(gate_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def onnx_parity_metadata(parity: dict[str, Any]) -> dict[str, Any]:
+    """UI metadata of the ONNX parity (``deployment.onnx_parity.ParityReport`` dict): the largest
+    difference, one row per output, and the decisions compared."""
+    if not parity.get("outputs"):
+        return {"onnx_parity": parity["note"]} if parity.get("note") else {}
+    rows = [{"output": o["name"], "max |diff|": f"{o['max_abs']:.2e}", "max rel": f"{o['max_rel']:.2e}",
+             "outside tolerance": o["n_outside"]} for o in parity["outputs"]]
+    decisions = [{"decision": "signal sign", "compared": parity["sign_checked"], "differ": parity["sign_mismatches"]}]
+    decisions += [{"decision": f"entry at {t['name']} threshold {t['value']:.4g}", "compared": t["entries"],
+                   "differ": t["mismatches"]} for t in parity["thresholds"]]
+    trades = parity.get("trades") or {}
+    if trades.get("identical") is not None:
+        decisions.append({"decision": f"backtest trade list ({trades.get('rule')})", "compared": trades["n_torch"],
+                          "differ": 0 if trades["identical"] else "not identical"})
+    return {
+        "onnx_max_abs_diff": float(f"{max(o['max_abs'] for o in parity['outputs']):.3g}"),
+        "onnx_parity": md_table(rows),
+        "onnx_decisions": md_table(decisions),
+        "onnx_samples": parity["n_samples"],
+    }
+
+
 def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=bundle_asset_key(variant),
@@ -86,8 +108,9 @@ def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
         "manifest, contract hash, metadata vs contract, model loads and runs on "
         "validation rows, scalers (plain JSON) equal the data half's, metrics sane and reproduced by a forward "
         "pass over the validation split, and the statistical skill gates scored on the test "
-        "split (HAC t of directional rank IC; MSE vs train mean; shift null for classifiers). Blocks replay "
-        "when it fails.",
+        "split (HAC t of directional rank IC; MSE vs train mean; shift null for classifiers), and ONNX parity "
+        "(model.onnx on ONNX Runtime vs torch on validation rows: values, signal signs, entry decisions, trade "
+        "list). Blocks replay, the backtest and packaging when it fails.",
     )
     def _check(
         context: dg.AssetCheckExecutionContext, settings: PipelineSettings, verification: VerificationSettings
@@ -121,6 +144,7 @@ def build_bundle_check(variant: str) -> dg.AssetChecksDefinition:
             "checks": md_table(rows),
             "failed_checks": ", ".join(failed) or "none",
         }
+        metadata.update(onnx_parity_metadata(report.onnx_parity))
         if report.gate_results:
             metadata["gates"] = md_table(gate_rows(report.gate_results))
             for g in report.gate_results:

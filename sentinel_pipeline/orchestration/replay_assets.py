@@ -49,6 +49,9 @@ class ReplayRunConfig(dg.Config):
     threshold: float = 0.1
     allow_short: bool = True
     baseline_seed: int = 0
+    # what runs the model: "torch" (the checkpoint) or "onnx" (the bundle's model.onnx on ONNX Runtime,
+    # one thread; the trade list is the same, see deployment.onnx_parity)
+    runtime: str = "torch"
 
     def to_replay_config(self) -> ReplayConfig:
         return ReplayConfig(window_days=self.window_days, window_bars=self.window_bars, threshold=self.threshold,
@@ -136,14 +139,14 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
             expected = read_contract(paths.feature_contract).hash
             try:
                 require_verified(bundle, expected, verified_manifest_sha256=digest)
-                current = load_bundle(bundle, expected)
+                current = load_bundle(bundle, expected, runtime=config.runtime)
             except BundleError as exc:  # BundleNotVerifiedError included
                 raise dg.Failure(description=f"replay of {bundle.name} refused: {exc}") from exc
             prev_path = previous_verified_bundle(paths.models_dir, variant, bundle)
             previous = None
             if prev_path is not None:
                 try:
-                    previous = load_bundle(prev_path)
+                    previous = load_bundle(prev_path, runtime=config.runtime)
                 except BundleError as exc:
                     context.log.warning(f"previous bundle {prev_path.name} cannot be loaded: {exc}")
             bars = tables.read_frame(paths.bars)
@@ -161,6 +164,7 @@ def build_replay_asset(variant: str) -> dg.AssetsDefinition:
         table = comparison.table.reset_index()
         metadata: dict[str, Any] = {
             "bundle": bundle.name,
+            "runtime": config.runtime,
             "previous_bundle": prev_path.name if prev_path else "none",
             "n_candidates": m.get("n_candidates"),
             "n_trades_created": m.get("n_trades_created"),

@@ -12,7 +12,9 @@ in order:
    signal NaN) scaled with the bundle's seq scaler, the row's snap features with the snap scaler
    (``scalers.transform_filled``), its ``ctx_cat`` codes and its ``ctx_cont`` values (non-finite → 0);
 3. the model (eval mode, ``torch.no_grad()``) runs once on the batch of those symbols and
-   ``training.models.signal_from_outputs`` gives the signal.
+   ``training.models.signal_from_outputs`` gives the signal. The model is the bundle's torch model, or
+   its ``model.onnx`` on ONNX Runtime when the bundle was loaded with ``runtime="onnx"``
+   (``bundles.load_bundle``); the signal comes from the same family code either way.
 
 Features are recomputed on the whole history at every step (≈ 35 steps for a week of hourly bars),
 which is what makes the replay a faithful runtime rather than a slice of a precomputed table. The last
@@ -287,6 +289,7 @@ def replay_bundle(bundle: ReplayableBundle, raw_bars: pd.DataFrame, config: Repl
     info = {
         "bundle": str(bundle.path),
         "variant": bundle.variant,
+        "runtime": getattr(bundle, "runtime", "torch"),
         "feature_contract_hash": contract.hash,
         "seq_len": seq_len,
         "window_start": pd.Timestamp(int(timestamps[0]), tz="UTC").isoformat(),
