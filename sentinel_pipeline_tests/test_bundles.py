@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,32 @@ def test_list_bundles_newest_first_ignoring_temp_dirs(bundle: Path, tmp_path: Pa
     assert list_bundles(models) == [newer, bundle, older]
     assert list_bundles(models, variant="mlp_two_head") == [older]
     assert list_bundles(tmp_path / "nowhere") == []
+
+
+def test_runtime_onnx_loads_the_signed_model_onnx_and_agrees_with_torch(bundle: Path, data: TrainingData) -> None:
+    from sentinel_pipeline.deployment.onnx_model import OnnxModel
+
+    torch_side = load_bundle(bundle, expected_hash=data.hash)
+    onnx_side = load_bundle(bundle, expected_hash=data.hash, runtime="onnx")
+    assert isinstance(onnx_side.model, OnnxModel) and onnx_side.runtime == "onnx" and torch_side.runtime == "torch"
+    g = torch.Generator().manual_seed(3)
+    batch = {"seq": torch.randn(9, data.contract.seq_len, 5, generator=g), "snap": torch.randn(9, 3, generator=g),
+             "ctx_cat": torch.zeros(9, 2, dtype=torch.int64), "ctx_cont": torch.randn(9, 2, generator=g)}
+    with torch.no_grad():
+        expected = torch_side.model(batch)
+    got = onnx_side.model(batch)
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        load_bundle(bundle, expected_hash=data.hash, runtime="tensorrt")
+
+
+def test_runtime_onnx_refuses_a_model_onnx_swapped_after_signing(bundle: Path, data: TrainingData, tmp_path: Path) -> None:
+    copy = tmp_path / bundle.name
+    shutil.copytree(bundle, copy)
+    raw = bytearray((copy / "model.onnx").read_bytes())
+    raw[-1] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="model.onnx"):
+        load_bundle(copy, expected_hash=data.hash, runtime="onnx")

@@ -77,6 +77,20 @@ def _history(bundle: Path) -> list[dict[str, Any]]:
     return [h for h in history if isinstance(h, dict)]
 
 
+def _onnx_export(bundle: Path) -> str:
+    """The bundle's ONNX export as one readable line (exported: opset and inputs; failed: why)."""
+    try:
+        record = json.loads((bundle / "bundle_metadata.json").read_text(encoding="utf-8")).get("onnx")
+    except (OSError, ValueError):
+        return "unreadable bundle_metadata.json"
+    if not isinstance(record, dict):
+        return "none (bundle format before 3)"
+    if record.get("status") != "exported":
+        return f"FAILED: {record.get('reason')}"
+    inputs = ", ".join(f"{i['name']}{tuple(i['shape'])}" for i in record.get("inputs", []))
+    return f"model.onnx, opset {record.get('opset')}, inputs {inputs}, {record.get('export_seconds')} s"
+
+
 def bundle_asset_key(variant: str) -> dg.AssetKey:
     return dg.AssetKey(f"bundle_{variant}")
 
@@ -162,6 +176,7 @@ def build_training_asset(variant: str) -> dg.AssetsDefinition:
             "dataset": md_table([{"split": k, **v} for k, v in json.loads(str(raw.get("dataset_json", "{}"))).items()]),
             "input_fingerprint": fp[:16],
         })
+        metadata["onnx_export"] = _onnx_export(bundle)
         history = _history(bundle)
         if history:  # inline in the UI (a small chart); the full plot below opens with "Show Markdown"
             metadata["loss_curve_inline"] = sparkline(
