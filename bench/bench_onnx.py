@@ -60,6 +60,7 @@ def main() -> int:
           f"dims {dims}; median of {rounds} rounds x {seconds} s\n")
     print(f"{'variant':<20} {'batch':>5} {'torch samples/s':>16} {'ORT samples/s':>14} {'ORT / torch':>11} "
           f"{'max |signal diff|':>18}")
+    exports: list[str] = []
     for variant, spec in VARIANTS.items():
         family = get_family(spec.family)
         arch = resolve_arch(variant, dims, contract.ctx_cat_cardinalities, contract.seq_len)
@@ -70,6 +71,7 @@ def main() -> int:
             print(f"{variant:<20} export failed: {result.reason}")
             continue
         ort_model = OnnxModel.from_file(work / f"{variant}.onnx", result.to_metadata(), threads=args.threads)
+        exports.append(f"{variant} {result.seconds:.1f} s, {(work / f'{variant}.onnx').stat().st_size / 1024:.0f} KiB")
         g = torch.Generator().manual_seed(1)
         for n in (1, 256):
             batch = {"seq": torch.randn(n, contract.seq_len, dims["seq"], generator=g),
@@ -101,6 +103,7 @@ def main() -> int:
             t, o = statistics.median(t_rates), statistics.median(o_rates)
             print(f"{variant:<20} {n:>5} {t:>16,.0f} {o:>14,.0f} {o / t:>10.2f}x "
                   f"{float(np.abs(got - expected).max()):>18.2e}")
+    print("\nexport (torch.onnx dynamo, opset 18) time and file size: " + "; ".join(exports))
     return 0
 
 
