@@ -132,7 +132,6 @@ from sentinel_pipeline.bundles import (
     METADATA_NAME,
     RECORD_FILES,
     RECORDS_DIR,
-    REQUIRED_FILES,
     BundleError,
     bundle_format,
     check_manifest,
@@ -518,7 +517,8 @@ def _check_files_present(ctx: _Context) -> str:
         raise CheckFailed("; ".join(problems))
     records = sorted(p.name for p in (ctx.bundle_dir / RECORDS_DIR).glob("*")) if (
         ctx.bundle_dir / RECORDS_DIR).is_dir() else []
-    return f"all {len(REQUIRED_FILES)} bundle files present, regular files, nothing else" + (
+    n_files = sum(1 for p in ctx.bundle_dir.iterdir() if p.name != RECORDS_DIR)
+    return f"all {n_files} bundle files present, regular files, nothing else" + (
         f" (+ {RECORDS_DIR}/ {records})" if records else ""
     )
 
@@ -527,7 +527,8 @@ def _check_manifest(ctx: _Context) -> str:
     problems = check_manifest(ctx.bundle_dir) + check_records(ctx.bundle_dir)
     if problems:
         raise CheckFailed("; ".join(problems))
-    return f"sha256 and size of all {len(REQUIRED_FILES) - 2} files match the signed {MANIFEST_NAME}"
+    listed = len(_read_json_object(ctx.file(MANIFEST_NAME)).get("files") or {})
+    return f"sha256 and size of all {listed} files match the signed {MANIFEST_NAME}"
 
 
 def _check_contract_hash(ctx: _Context) -> str:
