@@ -375,13 +375,19 @@ def onnx_record(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
     return dict(record) if isinstance(record, Mapping) else None
 
 
-def _onnx_exported(bundle_dir: str | Path) -> bool:
-    """Whether the bundle's (unverified) metadata records an ONNX export, i.e. ``model.onnx`` belongs to it."""
+def _unverified_metadata(bundle_dir: str | Path) -> dict[str, Any] | None:
+    """``bundle_metadata.json`` read for the entry rule, before anything is trusted (None: unreadable or
+    not an object; the checks that read it report why)."""
     try:
         metadata = json.loads(read_regular(Path(bundle_dir) / METADATA_NAME, MAX_SMALL_FILE))
     except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    record = onnx_record(metadata) if isinstance(metadata, dict) else None
+        return None
+    return metadata if isinstance(metadata, dict) else None
+
+
+def _onnx_exported(bundle_dir: str | Path) -> bool:
+    """Whether the bundle's (unverified) metadata records an ONNX export, i.e. ``model.onnx`` belongs to it."""
+    record = onnx_record(_unverified_metadata(bundle_dir) or {})
     return bool(record) and record.get("status") == EXPORTED
 
 
@@ -441,12 +447,12 @@ def family_file_names(bundle_dir: str | Path) -> tuple[str, ...]:
     # model.onnx is a bundle file name whatever the metadata says; whether the bundle must hold it
     # (the metadata records an export) is checked by entry_problems / check_manifest
     onnx = (ONNX_NAME,)
+    metadata = _unverified_metadata(bundle_dir)
+    if metadata is None:
+        return onnx
     try:
-        metadata = json.loads(read_regular(Path(bundle_dir) / METADATA_NAME, MAX_SMALL_FILE))
-        if not isinstance(metadata, dict):
-            return onnx
         return (*bundle_format(metadata, bundle_dir)[1].bundle_file_names, *onnx)
-    except (OSError, UnsafeFileError, UnicodeDecodeError, json.JSONDecodeError, BundleError):
+    except BundleError:
         return onnx
 
 
@@ -674,8 +680,6 @@ def load_bundle(
 
 def _onnx_model(bundle_dir: Path, metadata: Mapping[str, Any], version: int, threads: int) -> Any:
     """The bundle's ``model.onnx`` on ONNX Runtime, its bytes checked against the signed manifest."""
-    from sentinel_pipeline.deployment.onnx_model import OnnxModel, OnnxModelError
-
     record = onnx_record(metadata)
     if record is None:
         raise BundleError(f"{bundle_dir}: bundle format {version} has no ONNX export (formats from "
@@ -683,11 +687,22 @@ def _onnx_model(bundle_dir: Path, metadata: Mapping[str, Any], version: int, thr
     if record.get("status") != EXPORTED:
         raise BundleError(f"{bundle_dir}: the ONNX export of this bundle failed at training time: "
                           f"{record.get('reason')}; run it with runtime 'torch'")
-    manifest = json.loads(read_regular(bundle_dir / MANIFEST_NAME, MAX_SMALL_FILE))
-    expected = ((manifest.get("files") or {}).get(ONNX_NAME) or {}).get("sha256")
+    return open_onnx_model(bundle_dir, record, threads)
+
+
+def open_onnx_model(bundle_dir: str | Path, record: Mapping[str, Any], threads: int = 1) -> Any:
+    """``model.onnx`` of a bundle whose metadata ``record`` says it was exported, on ONNX Runtime
+    (``deployment.onnx_model.OnnxModel``), its bytes checked against the manifest's sha256 as they are
+    read. ``BundleError`` naming the file and the problem otherwise. The caller has checked the
+    manifest's signature (``load_bundle``, verification)."""
+    from sentinel_pipeline.deployment.onnx_model import OnnxModel, OnnxModelError
+
+    bundle_dir = Path(bundle_dir)
     try:
+        manifest = json.loads(read_regular(bundle_dir / MANIFEST_NAME, MAX_SMALL_FILE))
+        expected = ((manifest.get("files") or {}).get(ONNX_NAME) or {}).get("sha256")
         return OnnxModel.from_file(bundle_dir / ONNX_NAME, record, expected_sha256=expected, threads=threads)
-    except (OSError, UnsafeFileError, OnnxModelError) as exc:
+    except (OSError, UnsafeFileError, OnnxModelError, json.JSONDecodeError) as exc:
         raise BundleError(f"{bundle_dir}: {exc}") from exc
 
 

@@ -158,6 +158,7 @@ from sentinel_pipeline.data.scalers import (
     read_scaler_info,
     scaler_parameter_differences,
 )
+from sentinel_pipeline.data.split_arrays import SplitArrays
 from sentinel_pipeline.signing import SignatureError, load_signing_key, sign_bytes, verify_signed_bytes
 from sentinel_pipeline.training.checkpoints import BEST_NAME, load_best
 from sentinel_pipeline.training.data_loader import chronological_end_rows, load_split_for_training
@@ -498,6 +499,7 @@ class _Context:
     scalers_dir: Path | None = None
     signer: str | None = None
     onnx_parity: dict[str, Any] = field(default_factory=dict)
+    val_split: tuple[Path, SplitArrays, str] | None = None  # _validation_split
 
     def file(self, name: str) -> Path:
         return self.bundle_dir / name
@@ -636,6 +638,16 @@ def _validation_path(ctx: _Context) -> Path:
     )
 
 
+def _validation_split(ctx: _Context) -> tuple[Path, SplitArrays, str]:
+    """(path, split, source) of the validation split, opened once per verification for every check that
+    reads it (model_loads, metrics_reproduced, onnx_parity)."""
+    assert ctx.contract is not None
+    if ctx.val_split is None:
+        path = _validation_path(ctx)
+        ctx.val_split = (path, *load_split_for_training(path, ctx.contract.hash))
+    return ctx.val_split
+
+
 def _check_model_loads(ctx: _Context) -> str:
     assert ctx.contract is not None and ctx.spec is not None and ctx.family is not None
     family = ctx.family
@@ -649,8 +661,7 @@ def _check_model_loads(ctx: _Context) -> str:
         ) from exc
     model.eval()
     ctx.model = model
-    path = _validation_path(ctx)
-    split, source = load_split_for_training(path, ctx.contract.hash)
+    path, split, source = _validation_split(ctx)
     for group in FEATURE_GROUPS:
         if list(split.feature_names.get(group, [])) != ctx.contract.names(group):
             raise CheckFailed(f"{path}: {group} feature names differ from the bundle's contract")
@@ -824,8 +835,7 @@ def _check_metrics_reproduced(ctx: _Context) -> str:
     config = _read_json_object(ctx.file(CONFIG_NAME))
     amp = bool((metrics.get("settings") or {}).get("bf16_autocast"))
     rtol = METRICS_RTOL_AMP if amp else METRICS_RTOL
-    path = _validation_path(ctx)
-    split, _ = load_split_for_training(path, contract.hash)
+    path, split, _ = _validation_split(ctx)
     limit = config.get("limit_samples")
     if limit is not None:
         split = dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, int(limit))))
@@ -951,9 +961,8 @@ def _check_quality_gates(ctx: _Context) -> str:
 
 def _check_onnx_parity(ctx: _Context) -> str:
     """``model.onnx`` runs in ONNX Runtime and decides like the torch model on the validation split."""
-    from sentinel_pipeline.bundles import ONNX_FORMAT_VERSION, onnx_record
+    from sentinel_pipeline.bundles import ONNX_FORMAT_VERSION, onnx_record, open_onnx_model
     from sentinel_pipeline.deployment.onnx_export import EXPORTED, ONNX_NAME
-    from sentinel_pipeline.deployment.onnx_model import OnnxModel, OnnxModelError
     from sentinel_pipeline.deployment.onnx_parity import onnx_parity
 
     assert ctx.contract is not None and ctx.model is not None and ctx.family is not None
@@ -969,14 +978,11 @@ def _check_onnx_parity(ctx: _Context) -> str:
     if record.get("status") != EXPORTED:
         raise CheckFailed(f"the ONNX export failed when the bundle was written, so the model cannot be deployed "
                           f"as ONNX: {record.get('reason')}")
-    manifest = _read_json_object(ctx.file(MANIFEST_NAME))
-    expected = ((manifest.get("files") or {}).get(ONNX_NAME) or {}).get("sha256")
     try:
-        onnx_model = OnnxModel.from_file(ctx.file(ONNX_NAME), record, expected_sha256=expected)
-    except (OSError, OnnxModelError) as exc:
+        onnx_model = open_onnx_model(ctx.bundle_dir, record)
+    except BundleError as exc:
         raise CheckFailed(str(exc)) from exc
-    path = _validation_path(ctx)
-    split, _ = load_split_for_training(path, ctx.contract.hash)
+    path, split, _ = _validation_split(ctx)
     split = dataclasses.replace(split, sample_end_rows=np.sort(chronological_end_rows(split, PARITY_MAX_SAMPLES)))
     report = onnx_parity(ctx.model, onnx_model, ctx.checkpoint["arch"], split, data=ctx.family_data)
     ctx.onnx_parity = report.to_dict()

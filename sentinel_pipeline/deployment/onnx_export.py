@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sentinel_pipeline.training.families import get_family, get_variant
+from sentinel_pipeline.training.families import get_family, get_variant, signal_from_outputs
 
 ONNX_NAME = "model.onnx"
 ONNX_METADATA_KEY = "onnx"  # bundle_metadata.json
@@ -97,12 +97,11 @@ class _Positional(nn.Module):
         self.model = model
         self.input_names = input_names
         self.head_names = head_names
-        spec = get_variant(variant)
-        self._signal = lambda outputs: get_family(spec.family).signal(spec, outputs)
+        self.variant = variant
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model(dict(zip(self.input_names, inputs, strict=True)))
-        return (*(outputs[name] for name in self.head_names), self._signal(outputs))
+        return (*(outputs[name] for name in self.head_names), signal_from_outputs(self.variant, outputs))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

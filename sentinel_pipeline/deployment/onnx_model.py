@@ -108,12 +108,6 @@ class OnnxModel:
     def eval(self) -> OnnxModel:
         return self
 
-    def to(self, *_: Any, **__: Any) -> OnnxModel:
-        return self
-
-    def parameters(self) -> Any:
-        yield torch.zeros(0)
-
     def run(self, batch: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Every (or the named) output of the graph on ``batch`` (tensors or arrays), as NumPy."""
         feeds = {}

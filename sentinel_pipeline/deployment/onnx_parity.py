@@ -23,6 +23,7 @@ one intra-op and one inter-op thread, sequential), so the figures do not depend 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -194,8 +195,6 @@ def onnx_parity(
 def _trade_lists(ref: pd.DataFrame, got: pd.DataFrame, split: SplitArrays, config: BacktestConfig,
                  threshold: float | None) -> dict[str, Any]:
     """The backtest trade lists of both tables (same rule, same threshold) and whether they are identical."""
-    import dataclasses
-
     horizon = split.label_params.get("horizon")
     if threshold is not None and config.threshold is None:
         config = dataclasses.replace(config, threshold=threshold)
