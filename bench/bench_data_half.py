@@ -13,6 +13,10 @@ Printed: per-stage seconds (the ``seconds`` of each stage summary), wall, bars/s
 RSS, the final Arrow cache size (sum of ``*.arrow`` files) and peak RSS / cache size, next to the
 issue targets (>= 400k bars/s on 2 cores; peak RSS < 2x the cache), the load average at the start
 and the numba kernels the child had to compile (0 with the warm cache ``scripts/setup.sh`` makes).
+Then what bounds the wall time on this machine: the cores the run used on average (CPU / wall) and
+the wall time its CPU time would take with every core busy, and, measured by a third child after the
+run, what the machine charges per GiB for the first touch of fresh memory, for refilling touched
+memory, for a buffered file write and its fsync, with the bytes the run wrote.
 
 Reference, measured in the same run on the same raw file, also in a child process: a plain pandas
 version of a representative slice: read the raw parquet, sort, five features with
@@ -236,12 +240,42 @@ def child_reference(raw_file: Path) -> dict[str, Any]:
             "labels_seconds": t3 - t2, "seconds": t3 - t0, "columns": list(out.columns)}
 
 
+def child_machine(workdir: Path, gib: int = 1) -> dict[str, Any]:
+    """What this machine charges for memory the data half cannot avoid touching, per GiB: the first
+    touch of freshly allocated memory (page faults; the kernel hands over zeroed pages), the refill of
+    memory already touched, a buffered write of a file into the page cache, and its fsync."""
+    import numpy as np
+
+    n = gib * 2**30
+    t0 = time.perf_counter()
+    buf = np.empty(n, dtype=np.uint8)
+    buf.fill(1)
+    t1 = time.perf_counter()
+    buf.fill(2)
+    t2 = time.perf_counter()
+    probe = workdir / "machine_probe.bin"
+    chunk = 16 * MIB
+    with open(probe, "wb") as fh:
+        t3 = time.perf_counter()
+        for at in range(0, n, chunk):
+            fh.write(memoryview(buf)[at : at + chunk])
+        fh.flush()
+        t4 = time.perf_counter()
+        os.fsync(fh.fileno())
+        t5 = time.perf_counter()
+    probe.unlink()
+    return {"first_touch_s_per_gib": (t1 - t0) / gib, "refill_s_per_gib": (t2 - t1) / gib,
+            "write_s_per_gib": (t4 - t3) / gib, "fsync_s_per_gib": (t5 - t4) / gib}
+
+
 def child_main(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     if args.child == "generate":
         result = child_generate(workdir, args.symbols, args.bars)
     elif args.child == "pipeline":
         result = child_pipeline(workdir, args.symbols, args.bars, args.profile)
+    elif args.child == "machine":
+        result = child_machine(workdir)
     else:
         result = child_reference(next((workdir / "raw").glob("*.parquet")))
     out = {"result": result, "peak_rss_bytes": own_peak_rss()}
@@ -249,8 +283,8 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 # -- parent ---------------------------------------------------------------------------------------
-def run_child(role: str, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], float, int, str]:
-    """Run this script as ``--child role``; returns (its result, wall s, its peak RSS bytes, CPU-time text)."""
+def run_child(role: str, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], float, int, Any]:
+    """Run this script as ``--child role``; returns (its result, wall s, its peak RSS bytes, its rusage)."""
     cmd = [sys.executable, __file__, "--child", role, "--workdir", str(workdir),
            "--symbols", str(args.symbols), "--bars", str(args.bars)]
     if args.profile:
@@ -263,8 +297,11 @@ def run_child(role: str, args: argparse.Namespace, workdir: Path) -> tuple[dict[
     if proc.returncode != 0:
         raise SystemExit(f"child {role!r} failed with exit code {proc.returncode}")
     out = json.loads((workdir / f"{role}.json").read_text(encoding="utf-8"))
-    cpu = f"CPU user {usage.ru_utime:.1f} s + sys {usage.ru_stime:.1f} s"
-    return out["result"], wall, int(out["peak_rss_bytes"]), cpu
+    return out["result"], wall, int(out["peak_rss_bytes"]), usage
+
+
+def cpu_text(usage: Any) -> str:
+    return f"CPU user {usage.ru_utime:.1f} s + sys {usage.ru_stime:.1f} s"
 
 
 def dir_bytes(path: Path, pattern: str) -> int:
@@ -280,7 +317,8 @@ def report(args: argparse.Namespace, workdir: Path) -> None:
           f"peak RSS {gen_rss / MIB:,.0f} MiB, raw parquet {raw_bytes / MIB:,.0f} MiB  (not in the pipeline figure)")
 
     load = os.getloadavg()
-    stages, wall, rss, cpu = run_child("pipeline", args, workdir)
+    stages, wall, rss, usage = run_child("pipeline", args, workdir)
+    cpu = cpu_text(usage)
     paths = artifact_paths(workdir)
     n_bars = int(stages["raw_bars"]["report"]["n_rows_in"])
     cache = dir_bytes(paths.arrow_dir, "*.arrow")
@@ -320,10 +358,21 @@ def report(args: argparse.Namespace, workdir: Path) -> None:
     for s, info in stages["arrow_cache"]["splits"].items():
         if not info.get("matches_hdf5"):
             print(f"  WARNING: the {s} Arrow cache does not match its HDF5 source")
+    written = dir_bytes(paths.data_dir / "artifacts", "*")
+    cpu_s = usage.ru_utime + usage.ru_stime
+    m, _, _, _ = run_child("machine", args, workdir)
+    print(f"  cores used on average: {cpu_s / wall:.2f} of {os.cpu_count()} (CPU {cpu_s:.1f} s / wall {wall:.1f} s); "
+          f"with every core busy the whole run, wall >= {cpu_s / (os.cpu_count() or 1):.1f} s for this CPU time")
+    print(f"  machine, measured after the run: first touch of fresh memory {m['first_touch_s_per_gib']:.2f} s/GiB "
+          f"(refilling touched memory {m['refill_s_per_gib']:.2f} s/GiB); writing a file into the page cache "
+          f"{m['write_s_per_gib']:.2f} s/GiB + fsync {m['fsync_s_per_gib']:.2f} s/GiB")
+    print(f"  the run's files: {written / 2**30:.2f} GiB, i.e. about {written / 2**30 * m['write_s_per_gib']:.1f} s of "
+          f"writes at that rate")
 
     if args.skip_reference:
         return
-    ref, ref_wall, ref_rss, ref_cpu = run_child("reference", args, workdir)
+    ref, ref_wall, ref_rss, ref_usage = run_child("reference", args, workdir)
+    ref_cpu = cpu_text(ref_usage)
     ours = sum(stages[s]["seconds"] for s in ("raw_bars", "features", "labels"))
     n_feat = stages["feature_contract"]["n_features"]
     print(f"\nslice comparison on the same {ref['rows']:,} bars (stage seconds, in-process):")
@@ -346,7 +395,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the artefacts here (default: a temp dir, removed)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--profile", action="store_true", help="cProfile + tracemalloc per stage (times inflated)")
-    ap.add_argument("--child", choices=("generate", "pipeline", "reference"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("generate", "pipeline", "reference", "machine"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.symbols = args.symbols or (20 if args.quick else 100)
     args.bars = args.bars or (10_000 if args.quick else 100_000)

@@ -11,7 +11,10 @@ variant, ``WindowModels.batch_keys``), one run prints:
 - per-sample: a map-style ``Dataset`` whose ``__getitem__`` returns one sample's keys and
   ``DataLoader(batch_size=256, num_workers=0)`` collating them; ratio ours / per-sample (target >= 30x);
 - the batcher's peak extra memory per batch (tracemalloc) next to the B·L·F window block and the N·L·F
-  a pre-windowed array would take.
+  a pre-windowed array would take;
+- a ceiling: one contiguous ``np.copyto`` per batch of as many bytes as the batch holds, read from a
+  256 MiB buffer into one reused destination (no gather, no index, no allocation); memcpy/s divided by
+  the per-sample rate is the most any one-thread loader could reach against that reference on this core.
 
 All three are given the same end-row order (the batcher's) and the first batches of all three are
 asserted identical. Rounds are interleaved (ours, strided, per-sample, rotating who goes first; each
@@ -47,6 +50,7 @@ from sentinel_pipeline.training.data_loader import BATCH_KEYS, WindowBatcher  # 
 from sentinel_pipeline.training.families.window_models import FAMILY  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
+COPY_SOURCE_BYTES = 256 * 2**20  # the memcpy ceiling reads from a buffer this size: larger than the caches
 
 
 def synthetic_split(n_rows: int, n_seq: int, seq_len: int, n_symbols: int = 50, seed: int = 0) -> SplitArrays:
@@ -191,17 +195,33 @@ def bench_case(split: SplitArrays, L: int, B: int, keys: tuple[str, ...], shuffl
             return n * B
         return go
 
+    # ceiling: one contiguous memcpy per batch of as many bytes as the batch holds (no gather at all),
+    # read from a source larger than the caches, into one reused destination
+    batch_bytes = sum(t.numel() * t.element_size() for t in batcher.batch(0).values())
+    source = np.ones(max(COPY_SOURCE_BYTES, 4 * batch_bytes), dtype=np.uint8)
+    dest = np.empty(batch_bytes, dtype=np.uint8)
+    per_source = source.nbytes // batch_bytes
+
+    def run_copy(first: int, count: int) -> Callable[[], int]:
+        def go() -> int:
+            for i in range(first, first + count):
+                at = (i % per_source) * batch_bytes
+                np.copyto(dest, source[at : at + batch_bytes])
+            return count * B
+        return go
+
     # batches per round: about round_s seconds of ours (wrapping round the epoch for the cheap key sets)
     run_ref(0, 20)()  # warm-up
     count = max(20, int(round_s * _timed(run_ours(0, 20)) / B))
-    rates: dict[str, list[float]] = {"ours": [], "strided": [], "per_sample": []}
+    rates: dict[str, list[float]] = {"ours": [], "strided": [], "per_sample": [], "copy": []}
     for r in range(rounds):
         first = 20 + r * count  # each round on batches not read before in this case (until the epoch wraps)
         jobs = [("ours", run_ours(first, count)), ("strided", run_ref(first, count)),
-                ("per_sample", run_per_sample(first))]
-        for name, job in jobs[r % 3:] + jobs[: r % 3]:
+                ("per_sample", run_per_sample(first)), ("copy", run_copy(first, count))]
+        for name, job in jobs[r % 4:] + jobs[: r % 4]:
             rates[name].append(_timed(job))
     out = {k: statistics.median(v) for k, v in rates.items()}
+    out["batch_bytes"] = batch_bytes
     out["peak"] = peak_batch_bytes(batcher)
     return out
 
@@ -231,18 +251,20 @@ def main() -> None:
     for name, keys in key_sets:
         print(f"  {name:16s}: {', '.join(keys)}")
     print(f"{'order':9s} {'keys':16s} {'ours/s':>11s} {'strided/s':>11s} {'ratio':>6s} "
-          f"{'per-sample/s':>12s} {'ratio':>6s} {'MiB/batch':>9s}")
+          f"{'per-sample/s':>12s} {'ratio':>6s} {'MiB/batch':>9s} {'memcpy/s':>11s} {'ceiling':>7s}")
     for shuffle in (True, False):
         for name, keys in key_sets:
             r = bench_case(split, L, B, keys, shuffle, rounds, round_s, ref_batches)
             print(
                 f"{'shuffled' if shuffle else 'time':9s} {name:16s} {r['ours']:11,.0f} {r['strided']:11,.0f} "
                 f"{r['ours'] / r['strided']:5.2f}x {r['per_sample']:12,.0f} {r['ours'] / r['per_sample']:5.0f}x "
-                f"{r['peak'] / 2**20:9.2f}",
+                f"{r['peak'] / 2**20:9.2f} {r['copy']:11,.0f} {r['copy'] / r['per_sample']:6.0f}x",
                 flush=True,
             )
     print(f"targets: ratio to strided >= 0.9x, to per-sample >= 30x. B*L*F window block {B * L * F * 4 / 2**20:.2f} "
           f"MiB; a pre-windowed N*L*F array would take {split.n_samples * L * F * 4 / 2**20:,.0f} MiB")
+    print("memcpy/s: one contiguous copy per batch of the batch's bytes (no gather) on this core; ceiling: "
+          "memcpy/s / per-sample/s, the ratio a one-thread loader could reach if gathering cost nothing")
 
 
 if __name__ == "__main__":

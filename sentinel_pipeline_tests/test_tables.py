@@ -12,7 +12,7 @@ import pytest
 
 from sentinel_pipeline.data.dataset import LabelledDataset, read_dataset
 from sentinel_pipeline.data.synthetic_market import generate_synthetic_market
-from sentinel_pipeline.data.tables import read_frame, write_table
+from sentinel_pipeline.data.tables import read_frame, to_arrow, write_ipc, write_table
 from sentinel_pipeline.data_half import DataHalfConfig, run_data_half
 from sentinel_pipeline.paths import ArtifactPaths
 from sentinel_pipeline.stage_cache import file_digest, read_record
@@ -40,6 +40,30 @@ def test_a_table_reads_back_as_parquet_did_and_its_digest_is_its_bytes(tmp_path:
     pd.testing.assert_frame_equal(read_frame(path, ["x", "symbol"]), before[["x", "symbol"]])
     # the digest hashed while writing is the file's sha256 (the stage commit trusts it)
     assert file_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_zero_copy_conversion_writes_the_bytes_from_pandas_wrote(tmp_path: Path) -> None:
+    """``to_arrow`` hands float columns to Arrow without copying them; the file must be byte for byte
+    the one ``pa.Table.from_pandas`` gave: NaN null with their values kept, a column without NaN, an
+    all-NaN one, float32, a strided (non-contiguous) column, strings, datetimes, attrs."""
+    import pyarrow as pa
+
+    frame = _frame(1002)
+    frame["all_nan"] = np.nan
+    frame["f32_gap"] = np.where(frame["gap"].isna(), np.nan, frame["f32"]).astype(np.float32)
+    pair = np.arange(2 * len(frame), dtype=np.float64).reshape(-1, 2)
+    pair[7, 0] = np.nan
+    frame = pd.concat([frame, pd.DataFrame(pair, columns=["strided", "other"], copy=False)], axis=1)
+    assert not frame["strided"].to_numpy(copy=False).flags.c_contiguous  # the path that converts a copy
+    frame.attrs = {"source": "test"}
+    expected = pa.Table.from_pandas(frame, preserve_index=False)
+    ours = to_arrow(frame)
+    assert ours.schema.equals(expected.schema, check_metadata=False)
+    assert ours.column("gap").null_count == frame["gap"].isna().sum() > 0
+    assert np.shares_memory(np.frombuffer(ours.column("x").chunk(0).buffers()[1], np.float64), frame["x"].to_numpy())
+    write_ipc(expected.replace_schema_metadata(ours.schema.metadata), tmp_path / "a.arrow")
+    write_ipc(ours, tmp_path / "b.arrow")
+    assert (tmp_path / "a.arrow").read_bytes() == (tmp_path / "b.arrow").read_bytes()
 
 
 def test_a_bad_table_file_fails_naming_it(tmp_path: Path) -> None:

@@ -96,11 +96,42 @@ def write_ipc(table: pa.Table, path: str | Path) -> str:
     return sink.hexdigest()
 
 
+def _float_array(values: np.ndarray) -> pa.Array | None:
+    """A float column as ``pa.Table.from_pandas`` converts it (NaN marked null, the NaN kept in the data
+    buffer), without copying the values: the array's data buffer is ``values`` itself and only the
+    validity bitmap is new (1 bit per row). None when ``values`` is not a contiguous float array."""
+    if values.dtype.kind != "f" or values.ndim != 1 or not values.flags.c_contiguous:
+        return None
+    nan = np.isnan(values)
+    n_null = int(np.count_nonzero(nan))
+    if n_null == 0:
+        return pa.array(values)  # zero-copy: a primitive NumPy array without nulls
+    validity = pa.py_buffer(np.packbits(~nan, bitorder="little"))
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [validity, pa.py_buffer(values)],
+                                 null_count=n_null)
+
+
 def to_arrow(data: pd.DataFrame | pa.Table) -> pa.Table:
-    """The Arrow table of a frame, as ``DataFrame.to_parquet`` converts it (no index, ``attrs`` kept)."""
+    """The Arrow table of a frame, as ``DataFrame.to_parquet`` converts it (no index, ``attrs`` kept).
+
+    The float columns (most of the features and labels tables) are handed to Arrow without a copy
+    (:func:`_float_array`), which writes the same bytes as ``pa.Table.from_pandas`` (tested) without
+    allocating and filling a second copy of each column: at 10M bars that copy was 1.6 GB of fresh
+    memory in the features stage alone. The other columns go through ``pa.array(from_pandas=True)``
+    with the type ``pa.Schema.from_pandas`` gives, as ``from_pandas`` converts them."""
     if isinstance(data, pa.Table):
         return data
-    table = pa.Table.from_pandas(data, preserve_index=False)
+    if data.columns.is_unique and all(isinstance(c, str) for c in data.columns):
+        schema = pa.Schema.from_pandas(data, preserve_index=False)
+        arrays = []
+        for name, field in zip(data.columns, schema, strict=True):
+            col = data[name]
+            values = col.to_numpy(copy=False) if isinstance(col.dtype, np.dtype) and col.dtype.kind == "f" else None
+            array = _float_array(values) if values is not None else None
+            arrays.append(array if array is not None else pa.array(col, type=field.type, from_pandas=True))
+        table = pa.Table.from_arrays(arrays, schema=schema)
+    else:
+        table = pa.Table.from_pandas(data, preserve_index=False)
     if data.attrs:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _ATTRS_KEY: json.dumps(data.attrs)})
     return table
