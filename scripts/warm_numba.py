@@ -5,7 +5,8 @@ Every kernel is ``@njit(cache=True)``: compiled on first use and cached next to 
 pays the compilation on a tiny input instead (about 20-40 s once, seconds when the cache is warm):
 the whole data half in both presets, on a small synthetic market (20 symbols x 60 days; intraday
 features and labels) and on a small synthetic panel (daily features with cross-sectional ranks,
-labels in trading days), in a temp directory, and the replay's trade simulation on the market's bars.
+labels in trading days), in a temp directory, the replay's trade simulation on the market's bars, and
+the training batcher's window gather.
 It then lists any kernel of the package that was compiled but not written to numba's cache (none
 should be). ``scripts/setup.sh`` runs it after installing.
 """
@@ -43,6 +44,7 @@ def main() -> int:
     from sentinel_pipeline.data.tables import read_frame
     from sentinel_pipeline.paths import ArtifactPaths
     from sentinel_pipeline.replay.trades import simulate_trades
+    from sentinel_pipeline.training.batchers.window_gather import gather_windows
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sentinel_warm_") as tmp:
@@ -57,6 +59,11 @@ def main() -> int:
         rng = np.random.default_rng(0)
         atr = (bars["high"] - bars["low"]).to_numpy(np.float64) + 1e-3
         simulate_trades(bars, rng.normal(size=len(bars)), atr, cfg.labels)
+    # the batcher's window gather, for a split in memory and for one mapped read-only from the Arrow cache
+    rows = np.zeros((8, 2), dtype=np.float32)
+    gather_windows(rows, np.arange(3), 4)
+    rows.flags.writeable = False
+    gather_windows(rows, np.arange(3), 4)
     uncached = [name for name, d in _dispatchers() if d.stats.cache_misses and not getattr(d._cache, "cache_path", None)]
     print(f"[setup] numba kernels compiled and cached in {time.perf_counter() - t0:.1f}s"
           + (f"; NOT cacheable: {uncached}" if uncached else ""))

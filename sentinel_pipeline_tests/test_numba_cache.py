@@ -1,4 +1,4 @@
-"""Every numba kernel of the data half (and the replay) is cached on disk, so the warm-up of
+"""Every numba kernel of the data half, the replay and the training batcher is cached on disk, so the warm-up of
 ``scripts/warm_numba.py`` (run by ``scripts/setup.sh`` over both data-half presets) leaves the first
 real run nothing to compile."""
 
@@ -10,7 +10,8 @@ import numba.core.registry
 
 MODULES = ("sentinel_pipeline.data.features", "sentinel_pipeline.data.labels", "sentinel_pipeline.data.synthetic_market",
            "sentinel_pipeline.data.raw_bars", "sentinel_pipeline.data.bar_quality", "sentinel_pipeline.data.splits",
-           "sentinel_pipeline.data.scalers", "sentinel_pipeline.data.hdf5_splits", "sentinel_pipeline.replay.trades")
+           "sentinel_pipeline.data.scalers", "sentinel_pipeline.data.hdf5_splits", "sentinel_pipeline.replay.trades",
+           "sentinel_pipeline.training.batchers.window_gather")
 
 
 def test_every_kernel_is_cached_on_disk() -> None:

@@ -3,15 +3,16 @@
 A split (:class:`~sentinel_pipeline.data.split_arrays.SplitArrays`) holds one row per bar and the
 list of rows at which a sample ends; it never holds pre-built windows. The window ending at row
 ``end`` is the contiguous block of rows ``end - L + 1 .. end`` of the row-major ``(N, F_seq)`` array,
-so :class:`WindowBatcher` indexes a ``sliding_window_view`` of the split's ``seq`` (a strided view
-made once, no copy) with the batch's start rows: NumPy copies each window as one ``L x F_seq`` block
-into the ``(B, L, F_seq)`` batch. Memory per batch is O(B·L·F); the split itself is only read (it may
-be a read-only memory map of the Arrow cache). Measured on 1M rows x 32 features, shuffled: the
-previous per-row ``np.take`` with a ``(B, L)`` index matrix (128-byte copies) was ~15 % slower, a
-numba element-copy loop ~30 % slower (no vectorised memcpy), and two threads (numba ``prange``,
-``torch.index_select``) no faster on 2 shared cores: a shuffled batch is bound by memory bandwidth
-(256 random 3.75 KiB windows). ``bench/bench_loader.py`` compares the batcher with a plain strided
-gather and a per-sample ``DataLoader``.
+so :class:`WindowBatcher` copies each window as one ``L x F_seq`` block into the ``(B, L, F_seq)``
+batch (``window_gather.gather_windows``: a compiled loop of block copies that prefetches the windows
+two places ahead, byte for byte what indexing a ``sliding_window_view`` gives; a split whose ``seq``
+is not a C-contiguous float32 array goes through that view instead). Memory per batch is O(B·L·F);
+the split itself is only read (it may be a read-only memory map of the Arrow cache). Measured on 1M
+rows x 32 features, shuffled: the NumPy fancy index of the strided view reached 3.3-3.4M windows/s,
+the prefetching kernel 4.6-4.7M; a per-row ``np.take`` with a ``(B, L)`` index matrix (128-byte
+copies) was ~15 % slower than the fancy index, numba element-copy loops 20-70 % slower, and two
+threads (numba ``prange``, ``torch.index_select``) no faster on 2 shared cores. ``bench/bench_loader.py``
+compares the batcher with a plain strided gather and a per-sample ``DataLoader``.
 
 ``keys`` selects the batch keys to build (default: all of :data:`BATCH_KEYS`); a batcher built for a
 variant gathers only what its model, losses and metrics read (``ModelFamily.batch_keys``). Each key is
@@ -49,6 +50,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
+from sentinel_pipeline.training.batchers.window_gather import gather_windows_into
 
 Batch = dict[str, torch.Tensor]
 BATCH_KEYS: tuple[str, ...] = (
@@ -137,11 +139,19 @@ class WindowBatcher:
         if key == "seq":
             if s.n_rows < self.seq_len:  # no window fits, so no sample either: the batcher is empty
                 return lambda ends: np.empty((0, self.seq_len, s.seq.shape[1]), np.float32)
+            if s.seq.dtype == np.float32 and s.seq.ndim == 2 and s.seq.flags.c_contiguous:
+                rows, seq_len, n_seq = s.seq, self.seq_len, s.seq.shape[1]
+
+                def seq(ends: np.ndarray) -> np.ndarray:  # one block copy per window, the next ones prefetched
+                    out = np.empty((ends.shape[0], seq_len, n_seq), dtype=np.float32)
+                    if ends.shape[0] and n_seq:
+                        gather_windows_into(rows, ends - lag, seq_len, out)
+                    return out
+
+                return seq
             # (N - L + 1, L, F_seq) strided view (no copy): item r is the window of rows r .. r + L - 1;
             # fancy indexing copies one contiguous L x F_seq block per sample
             windows = sliding_window_view(s.seq, (self.seq_len, s.seq.shape[1]))[:, 0]
-            if windows.dtype == np.float32:
-                return lambda ends: windows[ends - lag]
             return lambda ends: windows[ends - lag].astype(np.float32)
         if key == "targets" and self._target_cols is not None:
             cols = self._target_cols
