@@ -221,7 +221,6 @@ def bench_case(split: SplitArrays, L: int, B: int, keys: tuple[str, ...], shuffl
         for name, job in jobs[r % 4:] + jobs[: r % 4]:
             rates[name].append(_timed(job))
     out = {k: statistics.median(v) for k, v in rates.items()}
-    out["batch_bytes"] = batch_bytes
     out["peak"] = peak_batch_bytes(batcher)
     return out
 

@@ -542,7 +542,7 @@ def run_arrow_cache(paths: ArtifactPaths, cfg: DataHalfConfig) -> dict[str, Any]
             train = pool.submit(build, SPLITS[0])
             rest = pool.submit(lambda: {s: build(s) for s in SPLITS[1:]})
             out = {SPLITS[0]: train.result(), **rest.result()}
-        return {"splits": {s: out[s] for s in SPLITS}, "data_source": _data_source(paths, "hdf5_splits")}
+        return {"splits": out, "data_source": _data_source(paths, "hdf5_splits")}
 
     return _timed(go)
 

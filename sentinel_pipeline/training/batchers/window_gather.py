@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -32,9 +31,9 @@ from numba.extending import intrinsic
 PREFETCH_AHEAD = 2  # windows ahead of the one being copied (1, 2 and 4 measured alike; 8 slower)
 CACHE_LINE = 64
 
-# llvm.prefetch is overloaded on its pointer type: "p0" with opaque pointers (LLVM 15+ in llvmlite),
-# "p0i8" with typed ones
-_PREFETCH_NAME = "llvm.prefetch.p0" if llvm_binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+# llvm.prefetch is overloaded on its pointer type; the typed-pointer name is what LLVM 14 needs and
+# what later LLVMs (opaque pointers, "p0") still accept by renaming it
+_PREFETCH_NAME = "llvm.prefetch.p0i8"
 
 
 def _data_pointer(context, builder, array_type, value):  # noqa: ANN001, ANN202 - numba codegen objects
@@ -75,9 +74,9 @@ def _copy_bytes(typingctx, dst, dst_offset, src, src_offset, n_bytes):  # noqa: 
 
 @numba.njit(cache=True, nogil=True)
 def gather_windows_into(rows: np.ndarray, starts: np.ndarray, seq_len: int, out: np.ndarray) -> None:
-    """Kernel of :func:`gather_windows`, for callers that have checked its arguments once (the batcher):
+    """Kernel of :func:`gather_windows`, which allocates ``out`` and calls it:
     ``rows`` a C-contiguous ``(N, F)`` array, ``starts`` int64, ``out`` a C-contiguous
-    ``(len(starts), seq_len, F)`` array of the rows' dtype. The kernel checks all of that too (it raises
+    ``(len(starts), seq_len, F)`` array of the rows' dtype. It checks all of that (it raises
     ``ValueError``, and ``IndexError`` for a start row outside ``rows``) before it copies anything."""
     n_rows = rows.shape[0]
     row_bytes = rows.shape[1] * rows.itemsize

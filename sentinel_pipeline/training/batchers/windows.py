@@ -50,7 +50,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from sentinel_pipeline.data.split_arrays import TARGET_NAMES, SplitArrays
-from sentinel_pipeline.training.batchers.window_gather import gather_windows_into
+from sentinel_pipeline.training.batchers.window_gather import gather_windows
 
 Batch = dict[str, torch.Tensor]
 BATCH_KEYS: tuple[str, ...] = (
@@ -140,15 +140,8 @@ class WindowBatcher:
             if s.n_rows < self.seq_len:  # no window fits, so no sample either: the batcher is empty
                 return lambda ends: np.empty((0, self.seq_len, s.seq.shape[1]), np.float32)
             if s.seq.dtype == np.float32 and s.seq.ndim == 2 and s.seq.flags.c_contiguous:
-                rows, seq_len, n_seq = s.seq, self.seq_len, s.seq.shape[1]
-
-                def seq(ends: np.ndarray) -> np.ndarray:  # one block copy per window, the next ones prefetched
-                    out = np.empty((ends.shape[0], seq_len, n_seq), dtype=np.float32)
-                    if ends.shape[0] and n_seq:
-                        gather_windows_into(rows, ends - lag, seq_len, out)
-                    return out
-
-                return seq
+                rows, seq_len = s.seq, self.seq_len  # one block copy per window, the next ones prefetched
+                return lambda ends: gather_windows(rows, ends - lag, seq_len)
             # (N - L + 1, L, F_seq) strided view (no copy): item r is the window of rows r .. r + L - 1;
             # fancy indexing copies one contiguous L x F_seq block per sample
             windows = sliding_window_view(s.seq, (self.seq_len, s.seq.shape[1]))[:, 0]
