@@ -150,12 +150,11 @@ class WindowBatcher:
             cols = self._target_cols
             return lambda ends: np.take(np.take(s.targets, ends, axis=0), cols, axis=1).astype(np.float32, copy=False)
         if key == "tb_class":
-            def tb_class(ends: np.ndarray) -> np.ndarray:
-                out = np.take(s.tb_label, ends).astype(np.int64)
-                out += 1
-                return out
-
-            return tb_class
+            # the class index (label + 1) as int64 for every row, made once: a batch is then one take
+            # instead of a take, a widening copy and an add (8 bytes a row beside the F-wide rows)
+            classes = s.tb_label.astype(np.int64)
+            classes += 1
+            return lambda ends: np.take(classes, ends)
         if key == "end_rows":
             return lambda ends: ends.copy()  # ends is a view of the epoch's order: the batch gets its own
         source = {"snap": s.snap, "ctx_cat": s.ctx_cat, "ctx_cont": s.ctx_cont, "targets": s.targets,
