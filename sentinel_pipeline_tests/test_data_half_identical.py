@@ -26,6 +26,10 @@ from sentinel_pipeline.paths import ArtifactPaths
 from sentinel_pipeline_tests.data_half_digests import artefact_digests
 
 PINNED = json.loads((Path(__file__).with_name("data_half_digests.json")).read_text())
+# The same outputs recorded on a CPU without AVX-512: NumPy computes float64 ``exp`` with an AVX-512 routine
+# where the CPU has one, which differs from the C library's in the last bit, so the synthetic generators'
+# prices (and what is computed from them) differ by machine. The outputs must match one of the two.
+PINNED_NO_AVX512 = json.loads((Path(__file__).with_name("data_half_digests_no_avx512.json")).read_text())
 MARKET = SyntheticMarketConfig(seed=3, n_symbols=20, n_days=60)
 PANEL = SyntheticPanelConfig(seed=2, n_symbols=40, n_days=260)
 
@@ -53,26 +57,33 @@ def _differences(pinned: dict, found: dict, where: str = "") -> list[str]:
     return out
 
 
+def _unchanged(preset: str, found: dict) -> list[str]:
+    """No difference from one of the two recorded float environments, else the differences from the nearer."""
+    diffs = [_differences(pins[preset], found) for pins in (PINNED, PINNED_NO_AVX512)]
+    return [] if not all(diffs) else min(diffs, key=len)
+
+
 def test_default_preset_outputs_are_unchanged(tmp_path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
     generate_synthetic_market(MARKET).to_parquet(raw / "market.parquet", index=False)
     paths = ArtifactPaths(data_dir=tmp_path / "data", raw_dir_override=raw)
     run_data_half(paths, DataHalfConfig(synthetic=MARKET), log=lambda _m: None)
-    diff = _differences(PINNED["market"], artefact_digests(paths, _tables(paths)))
+    diff = _unchanged("market", artefact_digests(paths, _tables(paths)))
     assert not diff, "\n".join(diff)
 
 
 def test_panel_preset_outputs_are_unchanged(tmp_path) -> None:
     paths = ArtifactPaths(data_dir=tmp_path / "data")
     run_data_half(paths, panel_config(synthetic_panel=PANEL), log=lambda _m: None)
-    diff = _differences(PINNED["panel"], artefact_digests(paths, _tables(paths)))
+    diff = _unchanged("panel", artefact_digests(paths, _tables(paths)))
     assert not diff, "\n".join(diff)
 
 
 @pytest.mark.parametrize("preset", ["market", "panel"])
-def test_the_pinned_digests_cover_every_output(preset: str) -> None:
-    pinned = PINNED[preset]
+@pytest.mark.parametrize("pins", [PINNED, PINNED_NO_AVX512])
+def test_the_pinned_digests_cover_every_output(preset: str, pins: dict) -> None:
+    pinned = pins[preset]
     assert {"bars", "bar_flags", "features", "dataset", "assignment", "scalers", "split_summary"} <= set(pinned)
     assert all(f"{kind}_{s}" in pinned for kind in ("h5", "arrow") for s in ("train", "val", "test"))
     assert len(pinned["dataset"]) - 2 == len(pinned["features"]) - 2 + 15  # features + 15 label columns

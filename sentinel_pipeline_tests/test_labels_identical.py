@@ -98,6 +98,30 @@ PINNED: dict[str, tuple[str, str]] = {
 }
 
 
+# The same, recorded on a CPU without AVX-512: NumPy computes float64 ``exp`` with an AVX-512 routine where
+# the CPU has one, which differs from the C library's in the last bit, so ``market()``'s prices (a cumulative
+# sum through ``np.exp``) and everything after them differ by machine. The frozen-labeller comparison
+# above is exact on any machine; the pins must match one of the two recorded float environments.
+PINNED_NO_AVX512: dict[str, tuple[str, str]] = {
+    'default': ("31c31b7e068fc4901d58597e16a2ad545639a5dff3b37103bf254fd03afa822a",
+                "224f990acae8937e0591b4ed69ba2830a3b11bcab8aba5d4d619ae823fac10f4"),
+    'default_quirks': ("660383441341ee11d655f48d11b97f1d377aff177295e7a668f1b4328e9fc658",
+                       "44a839416ffb3101323bec2e3c7d2bcd1bc85dd8368752a951f97a96963b26d7"),
+    'daily': ("a8911282966b7f613136a7003cd4c84e2db29da4808b01b179311d4c07cae995",
+              "fac0da77c23222dc52f7a44fbd176f24325cc54df635db6598327089aacd051a"),
+    'tight_clip': ("e4a1e4019fd39ca0f51f634b7f06f1f83d62e47673d1e2cef521565a5f959498",
+                   "008f1c046a84bde75e48acda560540bef2f9739d0c6fd6798d3ca41d0b50b39a"),
+    'no_clip_all_protected': ("dc383a967a00938db764a5054ab122603552b61e6669ef3153fe5ffad5d69530",
+                              "3e7bcd875028e3cdded6dca51cae1bc4c4651021eb59a57c376c4f4598ce78da"),
+    'horizon_1': ("9b1c34462aa8c281cb44fb9a9af69edb94b78ade80fe5b2e285b63851f38c4fe",
+                  "a6bb7ca0041fa96d6105bad4ce77c9606d6afd9a0d7889635a6308333170ad6b"),
+    'long_excursion': ("d3375ff4a6e66959e425f5535e3380a6dfe480ed9e894f3a2c94ac2f6c29b598",
+                       "57f7158c6a25c65bcef39dd01971d134a494d789e486e680e7f2082a6a81e59e"),
+    'nan_prices': ("f8edf008d7e4d57cc8396c5eb4c96435c81f2d16ed78553b8fe791e5b870343c",
+                   "c223e938ef537ef205ed234dc411219ce47c0666437a0be5ffc39dcd5e4ec23b"),
+}
+
+
 def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for key in sorted(arrays):
@@ -147,7 +171,7 @@ def test_identical_to_previous_labeller_and_pinned(name: str) -> None:
     assert_labelled_identical(df, quirks, config)
     out, stats = labels.label_dataset(df, config, quirks)
     digests = (arrays_digest(labels.label_arrays(*flat(df), config, quirks)), frame_digest(out, stats, config))
-    assert digests == PINNED[name]
+    assert digests in (PINNED[name], PINNED_NO_AVX512[name]), (digests, PINNED[name], PINNED_NO_AVX512[name])
     # the market exercises what it is meant to
     elig = out["label_eligible"].to_numpy()
     assert 0 < elig.sum() < len(out)
