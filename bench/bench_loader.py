@@ -18,7 +18,8 @@ variant, ``WindowModels.batch_keys``), one run prints:
 
 All three are given the same end-row order (the batcher's) and the first batches of all three are
 asserted identical. Rounds are interleaved (ours, strided, per-sample, rotating who goes first; each
-round on fresh batches) and the median of each is reported, so a busy machine slows all three alike.
+round on fresh batches) and the median of each is reported, so a busy machine slows all three alike;
+beside each ratio of medians, the lowest and highest ratio of a single round.
 Single-threaded (torch and BLAS at 1 thread), ``num_workers=0``.
 
     python bench/bench_loader.py            # 1,000,000 rows x 32 seq features float32 (128 MB), L 30, B 256
@@ -221,6 +222,11 @@ def bench_case(split: SplitArrays, L: int, B: int, keys: tuple[str, ...], shuffl
         for name, job in jobs[r % 4:] + jobs[: r % 4]:
             rates[name].append(_timed(job))
     out = {k: statistics.median(v) for k, v in rates.items()}
+    # the ratios round by round (the three ran back to back in each round): their spread says how far
+    # the machine moved the medians' ratio
+    for ref_name in ("strided", "per_sample"):
+        per_round = [o / r for o, r in zip(rates["ours"], rates[ref_name], strict=True)]
+        out[f"{ref_name}_ratio_lo"], out[f"{ref_name}_ratio_hi"] = min(per_round), max(per_round)
     out["peak"] = peak_batch_bytes(batcher)
     return out
 
@@ -249,19 +255,23 @@ def main() -> None:
     )
     for name, keys in key_sets:
         print(f"  {name:16s}: {', '.join(keys)}")
-    print(f"{'order':9s} {'keys':16s} {'ours/s':>11s} {'strided/s':>11s} {'ratio':>6s} "
-          f"{'per-sample/s':>12s} {'ratio':>6s} {'MiB/batch':>9s} {'memcpy/s':>11s} {'ceiling':>7s}")
+    print(f"{'order':9s} {'keys':16s} {'ours/s':>11s} {'strided/s':>11s} {'ratio':>6s} {'rounds':>11s} "
+          f"{'per-sample/s':>12s} {'ratio':>6s} {'rounds':>9s} {'MiB/batch':>9s} {'memcpy/s':>11s} {'ceiling':>7s}")
     for shuffle in (True, False):
         for name, keys in key_sets:
             r = bench_case(split, L, B, keys, shuffle, rounds, round_s, ref_batches)
             print(
                 f"{'shuffled' if shuffle else 'time':9s} {name:16s} {r['ours']:11,.0f} {r['strided']:11,.0f} "
-                f"{r['ours'] / r['strided']:5.2f}x {r['per_sample']:12,.0f} {r['ours'] / r['per_sample']:5.0f}x "
+                f"{r['ours'] / r['strided']:5.2f}x {r['strided_ratio_lo']:5.2f}-{r['strided_ratio_hi']:4.2f}x "
+                f"{r['per_sample']:12,.0f} {r['ours'] / r['per_sample']:5.0f}x "
+                f"{r['per_sample_ratio_lo']:4.0f}-{r['per_sample_ratio_hi']:3.0f}x "
                 f"{r['peak'] / 2**20:9.2f} {r['copy']:11,.0f} {r['copy'] / r['per_sample']:6.0f}x",
                 flush=True,
             )
     print(f"targets: ratio to strided >= 0.9x, to per-sample >= 30x. B*L*F window block {B * L * F * 4 / 2**20:.2f} "
           f"MiB; a pre-windowed N*L*F array would take {split.n_samples * L * F * 4 / 2**20:,.0f} MiB")
+    print("ratio: of the medians; rounds: the lowest and highest ratio of a single round (ours and the reference "
+          "timed back to back)")
     print("memcpy/s: one contiguous copy per batch of the batch's bytes (no gather) on this core; ceiling: "
           "memcpy/s / per-sample/s, the ratio a one-thread loader could reach if gathering cost nothing")
 
