@@ -246,10 +246,14 @@ def child_reference(raw_file: Path) -> dict[str, Any]:
 RECLAIM_WAIT_S = 15.0  # idle time after which the probe writes again (a VM host takes back freed memory)
 
 
-def _write_file(path: Path, data: memoryview, chunk: int = 16 * MIB) -> None:
+def _write_chunks(fh: Any, data: memoryview, chunk: int = 16 * MIB) -> None:
+    for at in range(0, len(data), chunk):
+        fh.write(data[at : at + chunk])
+
+
+def _write_file(path: Path, data: memoryview) -> None:
     with open(path, "wb") as fh:
-        for at in range(0, len(data), chunk):
-            fh.write(data[at : at + chunk])
+        _write_chunks(fh, data)
 
 
 def child_machine(workdir: Path, gib: int = 1) -> dict[str, Any]:
@@ -276,8 +280,7 @@ def child_machine(workdir: Path, gib: int = 1) -> dict[str, Any]:
     data = memoryview(buf)
     with open(probe, "wb") as fh:
         t3 = time.perf_counter()
-        for at in range(0, n, 16 * MIB):
-            fh.write(data[at : at + 16 * MIB])
+        _write_chunks(fh, data)
         fh.flush()
         t4 = time.perf_counter()
         os.fsync(fh.fileno())
